@@ -1,11 +1,78 @@
-"""CuTe DSL kernels for sm_90a. (Stub: filled in by the decode-kernel work.)"""
+"""CuTe DSL kernels for sm_90a and their torch-facing launchers.
+
+Importing this package does not import cutlass; the first kernel call does (and compiles, or loads
+the compiled object from the disk cache).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..layouts.cache import fold_q, lse_rows_view, out_rows_view
+from ..layouts.tiles import D_V, PAGE_SIZE
+
+_TORCH_TO_DSL = {torch.bfloat16: "BFloat16", torch.float16: "Float16"}
 
 
 def kernels_available(device) -> bool:
-    """True when the CuTe DSL decode kernels can run on `device` (an sm90 CUDA device)."""
-    return False
+    """True when the CuTe DSL decode kernels can run on `device`: an sm90 CUDA device with the DSL."""
+    return unavailable_reason(device) is None
+
+
+def unavailable_reason(device) -> str | None:
+    """Why the kernels cannot run on `device`, or None when they can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"device {device} is not CUDA"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"compute capability {major}.{minor} is not sm90 (Hopper)"
+    try:
+        from . import jit  # noqa: F401  (pins the arch before cutlass loads)
+        import cutlass  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        return f"the CuTe DSL is not importable ({exc})"
+    return None
+
+
+def _dsl_dtype(dtype: torch.dtype):
+    import cutlass
+
+    return getattr(cutlass, _TORCH_TO_DSL[dtype])
 
 
 def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                      softmax_scale, causal):
-    raise NotImplementedError("the CuTe DSL decode kernel is not built yet")
+    """Split-KV decode + combine on the current stream. Inputs must already be validated.
+
+    q [b, s_q, h_q, d]; kcache [num_blocks, 64, h_kv, d]; block_table [b, max_blocks] int32;
+    cache_seqlens [b] int32; metadata from cutemla.schedule. Returns (out [b, s_q, h_q, 512] in q's
+    dtype, lse [b, h_q, s_q] fp32 natural log). No host sync; allocations depend only on shapes.
+    """
+    from .combine import combine_splits
+    from .decode import get_decode_fn
+
+    b, s_q, h_q, d = q.shape
+    h_kv = kcache.shape[2]
+    assert kcache.shape[1] == PAGE_SIZE
+    if s_q == 1:
+        causal = False
+    rows = s_q * (h_q // h_kv)
+    num_parts = tile_scheduler_metadata.shape[0]
+    device = q.device
+
+    out = torch.empty(b, s_q, h_q, D_V, dtype=q.dtype, device=device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=device)
+    # Split partials: at most b + num_parts splits exist (FlashMLA's bound).
+    o_accum = torch.empty(b + num_parts, h_kv, rows, D_V, dtype=torch.float32, device=device)
+    lse_accum = torch.empty(b + num_parts, h_kv, rows, dtype=torch.float32, device=device)
+
+    decode = get_decode_fn(_dsl_dtype(q.dtype), d)
+    decode(fold_q(q, h_kv), kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+           out_rows_view(out, h_kv), lse_rows_view(lse, h_kv), o_accum, lse_accum,
+           float(softmax_scale) * math.log2(math.e), int(bool(causal)))
+    combine_splits(o_accum, lse_accum, num_splits, out, lse)
+    return out, lse

@@ -26,7 +26,7 @@ PTX_MARKERS = {
     "wgmma": r"wgmma\.mma_async",
     "wgmma_m64n64k16": r"wgmma\.mma_async\.sync\.aligned\.m64n64k16",
     "wgmma_m64n256k16": r"wgmma\.mma_async\.sync\.aligned\.m64n256k16",
-    "tma_load": r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global",
+    "tma_load": r"cp\.async\.bulk\.tensor\.\dd\.shared::(?:cta|cluster)\.global",
     "setmaxnreg": r"setmaxnreg",
     "griddepcontrol": r"griddepcontrol",
     "local_memory": r"\.local\b",

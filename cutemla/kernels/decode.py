@@ -1,0 +1,413 @@
+"""Split-KV MLA decode kernel for sm_90a (CuTe DSL): TMA + mbarrier pipeline + WGMMA + online softmax.
+
+One CTA handles one 64-row M tile of folded query rows (s_q * h_q / h_kv per KV head), one KV head and
+one scheduler partition (a run of requests and 64-token block ranges from the tile metadata).
+
+Warp roles (384 threads):
+  warpgroup 0  producer. Warp 0 issues every TMA: Q once per request (9 boxes of 64x64, one mbarrier)
+               and each KV page as d/64 sub-tile boxes, each on its own mbarrier, into a ring of two
+               stages. The page id read from block_table is the TMA coordinate.
+  warpgroups 1, 2  consumers. Each computes the full S = Q K^T (64x64, SS WGMMA, starting on sub-tile t
+               as soon as it lands), runs the online softmax in registers (both get identical S, so
+               they agree on the row maxima without talking), and accumulates its own 256-column half
+               of O with an RS WGMMA: P from registers, V^T as a view of the K stage in smem.
+
+This is the "mirrored" schedule of the kernel plan: the redundant QK^T is free while the kernel is
+memory-bound (one M tile per KV range). Outputs: a request that the scheduler did not split writes
+out/lse directly; a split request writes fp32 O/L and the base-2 LSE per split for the combine kernel.
+"""
+import math
+from functools import partial
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32, const_expr, pipeline
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.memory import SmemAllocator
+
+from ..layouts.smem import row_major_tile, v_transposed_view
+from ..layouts.tiles import BLOCK_M, BLOCK_N, D_V, SUBTILE_K
+from . import softmax as sm
+
+NUM_THREADS = 384
+PRODUCER_REGS = 40
+CONSUMER_REGS = 232
+SMEM_LIMIT = 232448  # 227 KiB, the sm90 per-block opt-in maximum
+LN2 = math.log(2.0)
+# Named barrier ids (0 is __syncthreads): one per consumer warpgroup, for the V tail zeroing.
+BARRIER_WG_BASE = 1
+
+
+class MlaDecode:
+    """Split-KV MLA decode. Config (compile-time): element dtype, head dim (576 or 512), KV stages."""
+
+    def __init__(self, dtype, d_qk: int = 576, kv_stages: int = 2):
+        assert d_qk % SUBTILE_K == 0 and d_qk >= D_V
+        self.dtype = dtype
+        self.d_qk = d_qk
+        self.kv_stages = kv_stages
+        self.num_subtiles = d_qk // SUBTILE_K
+
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mBlockTable: cute.Tensor,
+                 mSeqlens: cute.Tensor, mMeta: cute.Tensor, mNumSplits: cute.Tensor,
+                 mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
+                 scale_log2: Float32, is_causal: Int32, stream):
+        """Tensors arrive in torch order:
+        mQ [b, rows, h_kv, d] (folded), mK [num_blocks, 64, h_kv, d], mBlockTable [b, max_blocks],
+        mSeqlens [b], mMeta [parts, 8], mNumSplits [b + 1], mOut [b, s_q, h_kv, g, 512],
+        mLse [b, h_kv, g, s_q], mOAccum [splits, h_kv, rows, 512] fp32, mLseAccum [splits, h_kv, rows].
+        """
+        dt = self.dtype
+        # Tile-first views for TMA: (rows, d, h_kv, b) and (page, d, h_kv, num_blocks).
+        mQ_t = cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[1, 3, 2, 0]))
+        mK_t = cute.make_tensor(mK.iterator, cute.select(mK.layout, mode=[1, 3, 2, 0]))
+        # Output rows as (g, s_q): row r is head-in-group r % g at query position r // g.
+        b, s_q, h_kv, g, dv = mOut.shape
+        ob, os_, oh, og, _ = mOut.stride
+        mOut_r = cute.make_tensor(mOut.iterator, cute.make_layout(
+            ((g, s_q), dv, h_kv, b), stride=((og, os_), 1, oh, ob)))
+        lb, lh, lg, ls = mLse.stride
+        mLse_r = cute.make_tensor(mLse.iterator, cute.make_layout(
+            ((g, s_q), h_kv, b), stride=((lg, ls), lh, lb)))
+
+        sQ_layout = row_major_tile(dt, BLOCK_M, self.d_qk)
+        sK_layout = row_major_tile(dt, BLOCK_N, self.d_qk, self.kv_stages)
+        sub_layout = row_major_tile(dt, BLOCK_N, SUBTILE_K)
+        tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mQ_t, sQ_layout, (BLOCK_M, self.d_qk))
+        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mK_t, sub_layout, (BLOCK_N, SUBTILE_K))
+
+        K_MAJOR, MN_MAJOR = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
+        tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
+            dt, dt, K_MAJOR, K_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, BLOCK_N))
+        tiled_mma_pv = sm90_utils.make_trivial_tiled_mma(
+            dt, dt, K_MAJOR, MN_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, D_V // 2),
+            a_source=warpgroup.OperandSource.RMEM)
+
+        num_stages_ring = self.num_subtiles * self.kv_stages
+
+        @cute.struct
+        class SharedStorage:
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_kv: cute.struct.MemRange[cutlass.Int64, 2 * num_stages_ring]
+            sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
+
+        self.shared_storage = SharedStorage
+        assert SharedStorage.size_in_bytes() <= SMEM_LIMIT, "shared memory over the sm90 limit"
+
+        rows = mQ.shape[1]
+        num_m_blocks = (rows + BLOCK_M - 1) // BLOCK_M
+        self.kernel(
+            tma_atom_Q, tma_Q, tma_atom_K, tma_K, mBlockTable, mSeqlens, mMeta, mNumSplits,
+            mOut_r, mLse_r, mOAccum, mLseAccum, scale_log2, is_causal,
+            tiled_mma_qk, tiled_mma_pv, sQ_layout, sK_layout,
+        ).launch(grid=(num_m_blocks, h_kv, mMeta.shape[0]), block=(NUM_THREADS, 1, 1),
+                 smem=SharedStorage.size_in_bytes(), stream=stream)
+
+    @cute.kernel
+    def kernel(self, tma_atom_Q: cute.CopyAtom, mQ: cute.Tensor, tma_atom_K: cute.CopyAtom,
+               mK: cute.Tensor, mBlockTable: cute.Tensor, mSeqlens: cute.Tensor, mMeta: cute.Tensor,
+               mNumSplits: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
+               mLseAccum: cute.Tensor, scale_log2: Float32, is_causal: Int32,
+               tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
+               sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout):
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        tidx, _, _ = cute.arch.thread_idx()
+        m_block, kv_head, part = cute.arch.block_idx()
+        if warp_idx == 0:
+            cpasync.prefetch_descriptor(tma_atom_Q)
+            cpasync.prefetch_descriptor(tma_atom_K)
+
+        storage = SmemAllocator().allocate(self.shared_storage)
+        consumer_warps = partial(pipeline.CooperativeGroup, pipeline.Agent.Thread)
+        # Consumers release a buffer with one arrive per warp (lane 0): 8 consumer warps.
+        pipe_q = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_q.data_ptr(), num_stages=1,
+            producer_group=consumer_warps(1), consumer_group=consumer_warps(8),
+            tx_count=cute.size_in_bytes(self.dtype, sQ_layout), defer_sync=True)
+        pipe_kv = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_kv.data_ptr(), num_stages=self.num_subtiles * self.kv_stages,
+            producer_group=consumer_warps(1), consumer_group=consumer_warps(8),
+            tx_count=BLOCK_N * SUBTILE_K * self.dtype.width // 8, defer_sync=True)
+        pipeline.pipeline_init_arrive(cluster_shape_mn=(1, 1), is_relaxed=True)
+
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        pipeline.pipeline_init_wait(cluster_shape_mn=(1, 1))
+
+        batch = mSeqlens.shape[0]
+        begin_req = mMeta[part, 0]
+        if begin_req < batch:
+            if warp_idx < 4:
+                cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+                if warp_idx == 0:
+                    self.producer(tma_atom_Q, mQ, tma_atom_K, mK, sQ, sK, mBlockTable, mSeqlens,
+                                  mMeta, pipe_q, pipe_kv, m_block, kv_head, part, is_causal,
+                                  mOut.shape[0][0], mOut.shape[0][1])
+            else:
+                cute.arch.setmaxregister_increase(CONSUMER_REGS)
+                self.consumer(tidx - 128, sQ, sK, mSeqlens, mMeta, mNumSplits, mOut, mLse,
+                              mOAccum, mLseAccum, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv,
+                              m_block, kv_head, part, scale_log2, is_causal, mQ.shape[0])
+
+    @cute.jit
+    def block_range(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, part, req, m_block,
+                    is_causal: Int32, g, s_q, rows):
+        """[start, end) of the 64-token blocks this CTA handles for `req`, and the request's seqlen.
+
+        Shared by producer and consumers so their barrier sequences match. Causal trimming drops the
+        blocks no row of this M tile may see (bottom-right alignment).
+        """
+        seqlen = mSeqlens[req]
+        start = Int32(0)
+        end = (seqlen + BLOCK_N - 1) // BLOCK_N
+        if req == mMeta[part, 0]:
+            start = mMeta[part, 2]
+        if req == mMeta[part, 1]:
+            end = min(end, mMeta[part, 3])
+        if is_causal != 0:
+            last_row = min(rows, (m_block + 1) * BLOCK_M) - 1
+            visible = seqlen - (s_q - 1 - last_row // g)
+            end = min(end, (max(visible, 0) + BLOCK_N - 1) // BLOCK_N)
+        return start, end, seqlen
+
+    @cute.jit
+    def producer(self, tma_atom_Q, mQ, tma_atom_K, mK, sQ, sK, mBlockTable, mSeqlens, mMeta,
+                 pipe_q, pipe_kv, m_block, kv_head, part, is_causal, g, s_q):
+        # K sub-tiles: gmem (64, 64, num_subtiles, num_blocks) and smem (64, 64, num_subtiles, stages).
+        gK = cute.local_tile(mK[None, None, kv_head, None], (BLOCK_N, SUBTILE_K), (0, None, None))
+        sK_tiles = cute.flat_divide(sK, (BLOCK_N, SUBTILE_K))[None, None, 0, None, None]
+        tKsK, tKgK = cpasync.tma_partition(
+            tma_atom_K, 0, cute.make_layout(1),
+            cute.group_modes(sK_tiles, 0, 2), cute.group_modes(gK, 0, 2))
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+        kv_state = pipeline.make_pipeline_state(
+            pipeline.PipelineUserType.Producer, self.num_subtiles * self.kv_stages)
+        rows = mQ.shape[0]
+        for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
+            start, end, seqlen = self.block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
+                                                  g, s_q, rows)
+            gQ = cute.local_tile(mQ[None, None, kv_head, req], (BLOCK_M, self.d_qk), (m_block, 0))
+            tQsQ, tQgQ = cpasync.tma_partition(
+                tma_atom_Q, 0, cute.make_layout(1),
+                cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2))
+            pipe_q.producer_acquire(q_state)
+            cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
+            q_state.advance()
+            for n in cutlass.range(start, end, unroll=1):
+                page = mBlockTable[req, n]
+                stage = kv_state.index // self.num_subtiles
+                for t in cutlass.range_constexpr(self.num_subtiles):
+                    pipe_kv.producer_acquire(kv_state)
+                    cute.copy(tma_atom_K, tKgK[None, t, page], tKsK[None, t, stage],
+                              tma_bar_ptr=pipe_kv.producer_get_barrier(kv_state))
+                    kv_state.advance()
+
+    @cute.jit
+    def consumer(self, tidx_wg2, sQ, sK, mSeqlens, mMeta, mNumSplits, mOut, mLse, mOAccum,
+                 mLseAccum, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv, m_block, kv_head, part,
+                 scale_log2: Float32, is_causal: Int32, rows):
+        wg = cute.arch.make_warp_uniform(tidx_wg2 // 128)  # which half of O this warpgroup owns
+        tidx = tidx_wg2 % 128
+        g = mOut.shape[0][0]
+        s_q = mOut.shape[0][1]
+
+        thr_qk = tiled_mma_qk.get_slice(tidx)
+        tSrQ = tiled_mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
+        tSrK = tiled_mma_qk.make_fragment_B(thr_qk.partition_B(sK))
+        sVt = v_transposed_view(sK, BLOCK_N, self.d_qk, self.kv_stages)
+        sVt_half = cute.flat_divide(sVt, (D_V // 2, BLOCK_N))[None, None, wg, 0, None]
+        thr_pv = tiled_mma_pv.get_slice(tidx)
+        tOrVt = tiled_mma_pv.make_fragment_B(thr_pv.partition_B(sVt_half))
+        tOrP = tiled_mma_pv.make_fragment_A(thr_pv.partition_shape_A((BLOCK_M, BLOCK_N)))
+        k_per_subtile = SUBTILE_K // 16
+
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
+        kv_state = pipeline.make_pipeline_state(
+            pipeline.PipelineUserType.Consumer, self.num_subtiles * self.kv_stages)
+        release_state = pipeline.make_pipeline_state(
+            pipeline.PipelineUserType.Consumer, self.num_subtiles * self.kv_stages)
+        warp_row = (tidx // 32) * 16 + (tidx % 32) // 4
+
+        for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
+            start, end, seqlen = self.block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
+                                                  g, s_q, rows)
+            # Each thread owns rows warp_row and warp_row + 8 of this M tile.
+            row0 = m_block * BLOCK_M + warp_row
+            row1 = row0 + 8
+            border0 = seqlen
+            border1 = seqlen
+            tile_border = seqlen
+            if is_causal != 0:
+                border0 = seqlen - (s_q - 1 - row0 // g)
+                border1 = seqlen - (s_q - 1 - row1 // g)
+                tile_border = seqlen - (s_q - 1 - (m_block * BLOCK_M) // g)
+
+            acc_O = cute.make_rmem_tensor(thr_pv.partition_shape_C((BLOCK_M, D_V // 2)), Float32)
+            acc_O.fill(0.0)
+            row_max = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+            row_sum = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+            row_max.fill(-Float32.inf)
+            row_sum.fill(0.0)
+
+            pipe_q.consumer_wait(q_state)
+            for n in cutlass.range(start, end, unroll=1):
+                stage = kv_state.index // self.num_subtiles
+                # S = Q K^T, issued sub-tile by sub-tile as each lands.
+                acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N)), Float32)
+                mma_qk = cute.make_mma_atom(tiled_mma_qk.op)
+                mma_qk.set(warpgroup.Field.ACCUMULATE, False)
+                warpgroup.fence()
+                for t in cutlass.range_constexpr(self.num_subtiles):
+                    pipe_kv.consumer_wait(kv_state)
+                    for k in cutlass.range_constexpr(k_per_subtile):
+                        kk = t * k_per_subtile + k
+                        cute.gemm(mma_qk, acc_S, tSrQ[None, None, kk], tSrK[None, None, kk, stage],
+                                  acc_S)
+                        mma_qk.set(warpgroup.Field.ACCUMULATE, True)
+                    kv_state.advance()
+                warpgroup.commit_group()
+                warpgroup.wait_group(0)
+
+                key_base = n * BLOCK_N
+                if key_base + BLOCK_N > tile_border:
+                    sm.mask_scores(acc_S, tidx, key_base, border0, border1)
+                rescale = sm.online_softmax_step(acc_S, row_max, row_sum, scale_log2)
+                sm.rescale_rows(acc_O, rescale)
+                cute.make_tensor(tOrP.iterator, acc_S.layout).store(acc_S.load().to(self.dtype))
+
+                # The tail page's rows past seqlen may hold anything (NaN): P is 0 there, but
+                # 0 * NaN is NaN in the MMA, so zero this warpgroup's half of those V rows.
+                valid = seqlen - key_base
+                if valid < BLOCK_N:
+                    self.zero_v_tail(sK, valid, wg, tidx, stage)
+
+                mma_pv = cute.make_mma_atom(tiled_mma_pv.op)
+                mma_pv.set(warpgroup.Field.ACCUMULATE, True)
+                warpgroup.fence()
+                for k in cutlass.range_constexpr(BLOCK_N // 16):
+                    cute.gemm(mma_pv, acc_O, tOrP[None, None, k], tOrVt[None, None, k, stage], acc_O)
+                warpgroup.commit_group()
+                warpgroup.wait_group(0)
+                for t in cutlass.range_constexpr(self.num_subtiles):
+                    pipe_kv.consumer_release(release_state)
+                    release_state.advance()
+            pipe_q.consumer_release(q_state)
+            q_state.advance()
+
+            self.epilogue(acc_O, row_max, row_sum, tidx, wg, req, kv_head, row0, rows, mNumSplits,
+                          mMeta, part, mOut, mLse, mOAccum, mLseAccum)
+
+    @cute.jit
+    def zero_v_tail(self, sK, valid, wg, tidx, stage):
+        half = D_V // 2
+        first_row = max(valid, 0)
+        for idx in cutlass.range(tidx, (BLOCK_N - first_row) * half, 128, unroll=1):
+            sK[first_row + idx // half, wg * half + idx % half, stage] = self.dtype(0.0)
+        # Generic-proxy writes must be visible to the async proxy (WGMMA) of the whole warpgroup.
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=BARRIER_WG_BASE + wg, number_of_threads=128)
+
+    @cute.jit
+    def epilogue(self, acc_O, row_max, row_sum, tidx, wg, req, kv_head, row0, rows, mNumSplits,
+                 mMeta, part, mOut, mLse, mOAccum, mLseAccum):
+        """Normalise O by L; write out/lse, or the fp32 split partials with a base-2 LSE."""
+        inv = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+        lse2 = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+        for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+            total = sm.quad_allreduce_sum(row_sum[r])
+            if total > 0.0:
+                inv[r] = 1.0 / total
+                lse2[r] = row_max[r] + cute.math.log2(total, fastmath=False)
+            else:  # nothing attended (or NaN): out 0, lse -inf as a partial / +inf as a result
+                inv[r] = Float32(0.0)
+                lse2[r] = -Float32.inf
+        sm.rescale_rows(acc_O, inv)
+
+        first_split = mNumSplits[req]
+        is_split = mNumSplits[req + 1] - first_split > 1
+        split = first_split
+        if req == mMeta[part, 0]:
+            split = first_split + mMeta[part, 4]
+        col_base = wg * (D_V // 2)
+        lane = tidx % 32
+        for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+            row = row0 + r * 8
+            if row < rows:
+                if is_split:
+                    for i in cutlass.range_constexpr(cute.size(acc_O)):
+                        if const_expr((i // 2) % 2 == r):
+                            _, col = sm.acc_row_col(tidx, i)
+                            mOAccum[split, kv_head, row, col_base + col] = acc_O[i]
+                    if wg == 0 and lane % 4 == 0:
+                        mLseAccum[split, kv_head, row] = lse2[r]
+                else:
+                    for i in cutlass.range_constexpr(cute.size(acc_O)):
+                        if const_expr((i // 2) % 2 == r):
+                            _, col = sm.acc_row_col(tidx, i)
+                            mOut[row, col_base + col, kv_head, req] = acc_O[i].to(self.dtype)
+                    if wg == 0 and lane % 4 == 0:
+                        lse_nat = Float32(Float32.inf)
+                        if lse2[r] != -Float32.inf:
+                            lse_nat = lse2[r] * LN2
+                        mLse[row, kv_head, req] = lse_nat
+
+
+def _fake_args(dtype, d_qk: int):
+    """Fake tensors with symbolic sizes: batch, lengths and block counts never trigger a recompile."""
+    from cutlass.cute.runtime import make_fake_tensor
+
+    def dyn_stride():
+        return cute.sym_int64(divisibility=8)
+
+    b, rows, h_kv = cute.sym_int32(symbol="b"), cute.sym_int32(symbol="rows"), cute.sym_int32(symbol="h_kv")
+    q = make_fake_tensor(dtype, (b, rows, h_kv, d_qk), (dyn_stride(), dyn_stride(), dyn_stride(), 1),
+                         assumed_align=16)
+    kcache = make_fake_tensor(dtype, (cute.sym_int32(), BLOCK_N, h_kv, d_qk),
+                              (dyn_stride(), dyn_stride(), dyn_stride(), 1), assumed_align=16)
+    block_table = make_fake_tensor(Int32, (b, cute.sym_int32()), (cute.sym_int64(), 1), assumed_align=4)
+    seqlens = make_fake_tensor(Int32, (b,), (1,), assumed_align=4)
+    meta = make_fake_tensor(Int32, (cute.sym_int32(), 8), (8, 1), assumed_align=4)
+    num_splits = make_fake_tensor(Int32, (cute.sym_int32(),), (1,), assumed_align=4)
+    s_q, g = cute.sym_int32(symbol="s_q"), cute.sym_int32(symbol="g")
+    out = make_fake_tensor(dtype, (b, s_q, h_kv, g, D_V),
+                           (cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), 1),
+                           assumed_align=4)
+    lse = make_fake_tensor(Float32, (b, h_kv, g, s_q),
+                           (cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), cute.sym_int64()),
+                           assumed_align=4)
+    splits = cute.sym_int32(symbol="splits")
+    o_accum = make_fake_tensor(Float32, (splits, h_kv, rows, D_V),
+                               (cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), 1), assumed_align=16)
+    lse_accum = make_fake_tensor(Float32, (splits, h_kv, rows),
+                                 (cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
+    return (q, kcache, block_table, seqlens, meta, num_splits, out, lse, o_accum, lse_accum,
+            Float32(1.0), Int32(0))
+
+
+def compile_decode(dtype, d_qk: int = 576, options: str | None = None):
+    """Compile (uncached) the decode kernel for one (dtype, d_qk). Use `get_decode_fn` to call it."""
+    from .jit import COMPILE_OPTIONS, fake_stream
+
+    kernel = MlaDecode(dtype, d_qk)
+    return cute.compile(kernel, *_fake_args(dtype, d_qk), fake_stream(),
+                        options=options or COMPILE_OPTIONS)
+
+
+def get_decode_fn(dtype, d_qk: int = 576):
+    from .jit import compile_cache
+
+    return compile_cache.get("mla_decode", (str(dtype), d_qk), lambda: compile_decode(dtype, d_qk))
+
+
+def compile_configs():
+    """Every compiled variant, by name, for the CI compile checks."""
+    return {
+        f"{name}_d{d}": partial(compile_decode, dt, d)
+        for name, dt in (("bf16", cutlass.BFloat16), ("fp16", cutlass.Float16))
+        for d in (576, 512)
+    }

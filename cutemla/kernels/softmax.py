@@ -1,0 +1,85 @@
+"""Online softmax in base 2 on WGMMA accumulators (register fragments of an m64nN tile).
+
+Fragment facts this relies on (the sm90 m64nNk16 C layout): thread t of a warpgroup (warp w, lane l)
+holds rows 16w + l//4 and 16w + l//4 + 8; its value i sits in column 8*(i//4) + 2*(l%4) + i%2 of row
+(i//2)%2. The four threads of a quad share a row, so row reductions need two butterfly shuffles.
+
+Running maxima are kept in the scaled log2 domain (logit * softmax_scale * log2(e)), so every
+exponential is one FFMA and one ex2.approx.
+"""
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32
+
+ROWS_PER_THREAD = 2
+
+
+@cute.jit
+def acc_row_col(tidx_in_wg, i: cutlass.Constexpr[int]):
+    """(row, column) inside the 64xN tile of accumulator value i held by warpgroup thread tidx_in_wg."""
+    warp = tidx_in_wg // 32
+    lane = tidx_in_wg % 32
+    row = warp * 16 + lane // 4 + ((i // 2) % 2) * 8
+    col = (i // 4) * 8 + (lane % 4) * 2 + i % 2
+    return row, col
+
+
+@cute.jit
+def quad_allreduce_max(x: Float32) -> Float32:
+    x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=1))
+    return cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=2))
+
+
+@cute.jit
+def quad_allreduce_sum(x: Float32) -> Float32:
+    x = x + cute.arch.shuffle_sync_bfly(x, offset=1)
+    return x + cute.arch.shuffle_sync_bfly(x, offset=2)
+
+
+@cute.jit
+def mask_scores(acc_S: cute.Tensor, tidx_in_wg, key_base, border0, border1):
+    """Set scores of keys at or past each row's border to -inf (select, not add: K rows may be NaN)."""
+    for i in cutlass.range_constexpr(cute.size(acc_S)):
+        row, col = acc_row_col(tidx_in_wg, i)
+        border = border0 if (i // 2) % 2 == 0 else border1
+        if key_base + col >= border:
+            acc_S[i] = -Float32.inf
+
+
+@cute.jit
+def online_softmax_step(acc_S: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
+                        scale_log2: Float32) -> cute.Tensor:
+    """Turn scores into unnormalised probabilities in place; update row_max/row_sum.
+
+    Returns the per-row factor the O accumulator must be multiplied by. A row with no finite score
+    yet keeps row_max = -inf and uses 0 as its shift, so -inf - (-inf) never happens.
+    """
+    n = cute.size(acc_S)
+    rescale = cute.make_rmem_tensor(ROWS_PER_THREAD, Float32)
+    for r in cutlass.range_constexpr(ROWS_PER_THREAD):
+        block_max = -Float32.inf
+        for i in cutlass.range_constexpr(n):
+            if cutlass.const_expr((i // 2) % 2 == r):
+                block_max = cute.arch.fmax(block_max, acc_S[i])
+        block_max = quad_allreduce_max(block_max) * scale_log2
+        prev_max = row_max[r]
+        new_max = cute.arch.fmax(prev_max, block_max)
+        shift = new_max
+        if new_max == -Float32.inf:
+            shift = Float32(0.0)
+        rescale[r] = cute.math.exp2(prev_max - shift, fastmath=True)
+        row_max[r] = new_max
+        partial_sum = row_sum[r] * rescale[r]
+        for i in cutlass.range_constexpr(n):
+            if cutlass.const_expr((i // 2) % 2 == r):
+                p = cute.math.exp2(acc_S[i] * scale_log2 - shift, fastmath=True)
+                acc_S[i] = p
+                partial_sum = partial_sum + p
+        row_sum[r] = partial_sum
+    return rescale
+
+
+@cute.jit
+def rescale_rows(acc_O: cute.Tensor, rescale: cute.Tensor):
+    for i in cutlass.range_constexpr(cute.size(acc_O)):
+        acc_O[i] = acc_O[i] * rescale[(i // 2) % 2]

@@ -1,0 +1,18 @@
+import pytest
+
+
+def _cuda_sm90() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_sm90():
+        return
+    skip = pytest.mark.skip(reason="needs an sm90 CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,37 @@
+"""Every decode-kernel config compiles for sm_90a on the CPU, as the Hopper design, with no spills.
+
+Each compile runs in a child process (ptxas reports to stderr there); see cutemla.kernels.ptx_report.
+"""
+import pytest
+
+from cutemla.kernels.ptx_report import run_report
+
+DECODE_CONFIGS = ["bf16_d576", "fp16_d576", "bf16_d512", "fp16_d512"]
+
+
+@pytest.fixture(scope="module", params=DECODE_CONFIGS)
+def decode_report(request):
+    return request.param, run_report("cutemla.kernels.decode", request.param)
+
+
+def test_decode_compiles_to_hopper_design(decode_report):
+    config, report = decode_report
+    ptx = report["ptx"]
+    subtiles = 9 if config.endswith("576") else 8
+    assert report["kernels"] == 1
+    assert ptx["target_sm90a"] == 1
+    # QK^T: 4 k16 steps per 64-column sub-tile; PV: 4 k16 steps of m64n256 per consumer warpgroup.
+    assert ptx["wgmma_m64n64k16"] == 4 * subtiles
+    assert ptx["wgmma_m64n256k16"] == 4
+    # Q as one copy of `subtiles` boxes, K as one box per sub-tile.
+    assert ptx["tma_load"] == 2 * subtiles
+    assert ptx["setmaxnreg"] == 2
+
+
+def test_decode_has_no_spills_or_serialisation(decode_report):
+    _, report = decode_report
+    assert report["spill_bytes"] == 0
+    assert report["stack_bytes"] == 0
+    assert report["ptx"]["local_memory"] == 0
+    # C7508: setmaxnreg ignored; C7519/C7510: WGMMA serialised by the compiler.
+    assert not set(report["ptxas_warnings"]) & {"C7508", "C7510", "C7519"}, report["ptxas_warnings"]
