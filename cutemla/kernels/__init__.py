@@ -38,6 +38,24 @@ def unavailable_reason(device) -> str | None:
     return None
 
 
+def _tma_ready(t: torch.Tensor, name: str, copy_ok: bool) -> torch.Tensor:
+    """TMA needs a 16-byte-aligned base and 16-byte-multiple strides (the last one is 1).
+
+    Size-1 dims can carry any stride in torch; give them a harmless one so the compiled kernel's
+    divisibility check passes. A misaligned q is copied (it is small); a misaligned cache is an error.
+    """
+    elems = 16 // t.element_size()
+    if any(s % elems for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1) or t.data_ptr() % 16:
+        if not copy_ok:
+            raise ValueError(f"{name} must have a 16-byte aligned base and 16-byte multiple strides "
+                             f"for TMA; got strides {tuple(t.stride())}")
+        t = t.contiguous()
+    if any(n == 1 and s % elems for s, n in zip(t.stride()[:-1], t.shape[:-1])):
+        t = t.as_strided(t.shape, [s if n > 1 or s % elems == 0 else elems
+                                   for s, n in zip(t.stride(), t.shape)])
+    return t
+
+
 def _dsl_dtype(dtype: torch.dtype):
     import cutlass
 
@@ -71,8 +89,11 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
     lse_accum = torch.empty(b + num_parts, h_kv, rows, dtype=torch.float32, device=device)
 
     decode = get_decode_fn(_dsl_dtype(q.dtype), d)
-    decode(fold_q(q, h_kv), kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-           out_rows_view(out, h_kv), lse_rows_view(lse, h_kv), o_accum, lse_accum,
-           float(softmax_scale) * math.log2(math.e), int(bool(causal)))
-    combine_splits(o_accum, lse_accum, num_splits, out, lse)
+    q_rows = _tma_ready(fold_q(q, h_kv), "q", copy_ok=True)
+    kcache = _tma_ready(kcache, "k_cache", copy_ok=False)
+    with torch.cuda.device(device):  # TVM-FFI launches on the current device's current stream
+        decode(q_rows, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+               out_rows_view(out, h_kv), lse_rows_view(lse, h_kv), o_accum, lse_accum,
+               float(softmax_scale) * math.log2(math.e), int(bool(causal)))
+        combine_splits(o_accum, lse_accum, num_splits, out, lse)
     return out, lse
