@@ -128,13 +128,13 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _clamped_randn(shape, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """randn/10 clamped to [-1, 1] (FlashMLA's data), produced in fp32 chunks to bound peak host memory."""
-    result = torch.empty(shape, dtype=dtype)
+    """randn/10 clamped to [-1, 1] (FlashMLA's data), produced in fp32 chunks to bound peak memory."""
+    result = torch.empty(shape, dtype=dtype, device=gen.device)
     flat = result.view(-1)
     chunk = 1 << 24
     for start in range(0, flat.numel(), chunk):
         stop = min(start + chunk, flat.numel())
-        flat[start:stop] = (torch.randn(stop - start, generator=gen) / 10).clamp_(-1.0, 1.0)
+        flat[start:stop] = (torch.randn(stop - start, generator=gen, device=gen.device) / 10).clamp_(-1.0, 1.0)
     return result
 
 
@@ -150,8 +150,12 @@ def _make_seqlens(case: DecodeCase, gen: torch.Generator) -> torch.Tensor:
     return seqlens
 
 
-def make_decode_inputs(case: DecodeCase, device: Union[str, torch.device] = "cpu") -> DecodeInputs:
+def make_decode_inputs(case: DecodeCase, device: Union[str, torch.device] = "cpu",
+                       generate_on_device: bool = False) -> DecodeInputs:
     """FlashMLA-style test data for ``case``, generated on the CPU and then moved to ``device``.
+
+    ``generate_on_device=True`` draws q and the cache with a generator on ``device`` instead (much faster
+    for big GPU cases; the values then differ from the CPU draw, lengths and block table do not).
 
     * ``q`` and the cache hold ``randn / 10`` clamped to [-1, 1], rounded once to ``case.dtype``.
     * Lengths: ``s_k`` each, or with ``varlen`` ``max(round(N(s_k, (s_k/2)^2)), s_q)`` per request; then
@@ -172,8 +176,12 @@ def make_decode_inputs(case: DecodeCase, device: Union[str, torch.device] = "cpu
     max_len = max(lengths)
     max_blocks = max(1, _cdiv(_cdiv(max_len, 256) * 256, case.page_size))
 
-    q = _clamped_randn((case.b, case.s_q, case.h_q, case.d), gen, case.dtype)
-    kcache = _clamped_randn((num_blocks, case.page_size, case.h_kv, case.d), gen, case.dtype)
+    value_gen = gen
+    if generate_on_device and torch.device(device).type != "cpu":
+        value_gen = torch.Generator(device=device)
+        value_gen.manual_seed(case.seed)
+    q = _clamped_randn((case.b, case.s_q, case.h_q, case.d), value_gen, case.dtype)
+    kcache = _clamped_randn((num_blocks, case.page_size, case.h_kv, case.d), value_gen, case.dtype)
 
     physical = torch.randperm(num_blocks, generator=gen).to(torch.int32)
     block_table = torch.full((case.b, max_blocks), UNUSED_BLOCK_ID, dtype=torch.int32)
@@ -187,7 +195,7 @@ def make_decode_inputs(case: DecodeCase, device: Union[str, torch.device] = "cpu
         block_table[i, :nb] = mine
         rows = torch.arange(nb * case.page_size) < n
         valid_rows[mine.long()] = rows.view(nb, case.page_size)
-    kcache[~valid_rows] = float("nan")
+    kcache[~valid_rows.to(kcache.device)] = float("nan")
 
     inputs = DecodeInputs(q, kcache, block_table, seqlens, case)
     return inputs if torch.device(device).type == "cpu" else inputs.to(device)

@@ -58,7 +58,7 @@ def run_kernel(inputs, causal):
 
 
 def check_case(case: DecodeCase):
-    inputs = make_decode_inputs(case, device="cuda")
+    inputs = make_decode_inputs(case, device="cuda", generate_on_device=True)
     out, lse = run_kernel(inputs, case.causal)
     ref_out, ref_lse = mla_decode_reference(inputs.q, inputs.kcache, inputs.block_table,
                                             inputs.cache_seqlens, causal=case.causal)
@@ -86,7 +86,7 @@ def test_decode_flashmla_matrix_fp16(case):
 
 def test_zero_lengths_give_zero_and_inf():
     case = DecodeCase(b=5, s_q=2, s_k=300, h_q=16, h_kv=1, causal=True, zero_frac=0.4, seed=3)
-    inputs = make_decode_inputs(case, device="cuda")
+    inputs = make_decode_inputs(case, device="cuda", generate_on_device=True)
     out, lse = run_kernel(inputs, True)
     empty = inputs.cache_seqlens == 0
     assert empty.any()
@@ -96,7 +96,7 @@ def test_zero_lengths_give_zero_and_inf():
 
 def test_repeatable_bitwise():
     case = DecodeCase(b=16, s_q=1, s_k=3000, h_q=64, h_kv=1, varlen=True, seed=11)
-    inputs = make_decode_inputs(case, device="cuda")
+    inputs = make_decode_inputs(case, device="cuda", generate_on_device=True)
     first = run_kernel(inputs, False)
     for _ in range(5):
         again = run_kernel(inputs, False)
