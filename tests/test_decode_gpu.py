@@ -47,19 +47,19 @@ SMOKE = [
 ]
 
 
-def run_kernel(inputs, causal):
+def run_kernel(inputs, causal, schedule=None):
     from cutemla.kernels import run_dense_decode
     from cutemla.schedule import get_decoding_sched_meta
 
     case = inputs.case
     meta, num_splits = get_decoding_sched_meta(inputs.cache_seqlens, case.s_q, case.h_q, case.h_kv)
     return run_dense_decode(inputs.q, inputs.kcache, inputs.block_table, inputs.cache_seqlens,
-                            meta, num_splits, case.d ** -0.5, causal)
+                            meta, num_splits, case.d ** -0.5, causal, schedule)
 
 
-def check_case(case: DecodeCase):
+def check_case(case: DecodeCase, schedule=None):
     inputs = make_decode_inputs(case, device="cuda", generate_on_device=True)
-    out, lse = run_kernel(inputs, case.causal)
+    out, lse = run_kernel(inputs, case.causal, schedule)
     ref_out, ref_lse = mla_decode_reference(inputs.q, inputs.kcache, inputs.block_table,
                                             inputs.cache_seqlens, causal=case.causal)
     torch.cuda.synchronize()
@@ -69,11 +69,13 @@ def check_case(case: DecodeCase):
     assert_close_flashmla("lse", lse, ref_lse, **LSE_TOL)
 
 
+@pytest.mark.parametrize("schedule", ["split_s", "mirrored"])
 @pytest.mark.parametrize("case", SMOKE, ids=str)
-def test_decode_smoke(case):
-    check_case(case)
+def test_decode_smoke(case, schedule):
+    check_case(case, schedule)
 
 
+# The whole matrix runs on the default schedule (CUTEMLA_DECODE_SCHEDULE selects another).
 @pytest.mark.parametrize("case", flashmla_matrix(torch.bfloat16), ids=str)
 def test_decode_flashmla_matrix_bf16(case):
     check_case(case)

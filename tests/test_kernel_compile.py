@@ -6,7 +6,8 @@ import pytest
 
 from cutemla.kernels.ptx_report import run_report
 
-DECODE_CONFIGS = ["bf16_d576", "fp16_d576", "bf16_d512", "fp16_d512"]
+DECODE_CONFIGS = [f"{dt}_d{d}_{schedule}" for dt in ("bf16", "fp16") for d in (576, 512)
+                  for schedule in ("split_s", "mirrored")]
 
 
 @pytest.fixture(scope="module", params=DECODE_CONFIGS)
@@ -17,11 +18,13 @@ def decode_report(request):
 def test_decode_compiles_to_hopper_design(decode_report):
     config, report = decode_report
     ptx = report["ptx"]
-    subtiles = 9 if config.endswith("576") else 8
+    subtiles = 9 if "_d576" in config else 8
     assert report["kernels"] == 1
     assert ptx["target_sm90a"] == 1
-    # QK^T: 4 k16 steps per 64-column sub-tile; PV: 4 k16 steps of m64n256 per consumer warpgroup.
-    assert ptx["wgmma_m64n64k16"] == 4 * subtiles
+    # QK^T: 4 k16 steps per 64-column sub-tile, over 32 keys (split_s) or all 64 (mirrored);
+    # PV: 4 k16 steps of m64n256 per consumer warpgroup.
+    qk_n = 32 if config.endswith("split_s") else 64
+    assert ptx[f"wgmma_m64n{qk_n}k16"] == 4 * subtiles
     assert ptx["wgmma_m64n256k16"] == 4
     # Q as one copy of `subtiles` boxes, K as one box per sub-tile.
     assert ptx["tma_load"] == 2 * subtiles

@@ -6,6 +6,7 @@ the compiled object from the disk cache).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -13,6 +14,9 @@ from ..layouts.cache import fold_q, lse_rows_view, out_rows_view
 from ..layouts.tiles import D_V, PAGE_SIZE
 
 _TORCH_TO_DSL = {torch.bfloat16: "BFloat16", torch.float16: "Float16"}
+# The decode kernel's consumer schedule ("split_s" or "mirrored", see kernels/decode.py).
+# CUTEMLA_DECODE_SCHEDULE overrides it for experiments.
+DEFAULT_SCHEDULE = "split_s"
 
 
 def kernels_available(device) -> bool:
@@ -63,7 +67,7 @@ def _dsl_dtype(dtype: torch.dtype):
 
 
 def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                     softmax_scale, causal):
+                     softmax_scale, causal, schedule=None):
     """Split-KV decode + combine on the current stream. Inputs must already be validated.
 
     q [b, s_q, h_q, d]; kcache [num_blocks, 64, h_kv, d]; block_table [b, max_blocks] int32;
@@ -88,7 +92,8 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
     o_accum = torch.empty(b + num_parts, h_kv, rows, D_V, dtype=torch.float32, device=device)
     lse_accum = torch.empty(b + num_parts, h_kv, rows, dtype=torch.float32, device=device)
 
-    decode = get_decode_fn(_dsl_dtype(q.dtype), d)
+    schedule = schedule or os.environ.get("CUTEMLA_DECODE_SCHEDULE", DEFAULT_SCHEDULE)
+    decode = get_decode_fn(_dsl_dtype(q.dtype), d, schedule)
     q_rows = _tma_ready(fold_q(q, h_kv), "q", copy_ok=True)
     kcache = _tma_ready(kcache, "k_cache", copy_ok=False)
     with torch.cuda.device(device):  # TVM-FFI launches on the current device's current stream

@@ -12,8 +12,12 @@ Warp roles (384 threads):
                they agree on the row maxima without talking), and accumulates its own 256-column half
                of O with an RS WGMMA: P from registers, V^T as a view of the K stage in smem.
 
-This is the "mirrored" schedule of the kernel plan: the redundant QK^T is free while the kernel is
-memory-bound (one M tile per KV range). Outputs: a request that the scheduler did not split writes
+Two consumer schedules share everything else (the `schedule` compile-time option):
+  "split_s"   each warpgroup computes S for its own 32 of the tile's 64 keys (half the QK^T work); the
+              two exchange row maxima and their bf16 P halves through shared memory (two named
+              barriers per tile), then run PV as an SS WGMMA over the whole P.
+  "mirrored"  both warpgroups compute the full 64x64 S (no exchange: identical S gives identical
+              maxima) and run PV from registers (RS). Twice the QK^T work, no per-tile barriers. Outputs: a request that the scheduler did not split writes
 out/lse directly; a split request writes fp32 O/L and the base-2 LSE per split for the combine kernel.
 """
 import math
@@ -35,19 +39,28 @@ PRODUCER_REGS = 40
 CONSUMER_REGS = 232
 SMEM_LIMIT = 232448  # 227 KiB, the sm90 per-block opt-in maximum
 LN2 = math.log(2.0)
-# Named barrier ids (0 is __syncthreads): one per consumer warpgroup, for the V tail zeroing.
+# Named barrier ids (0 is __syncthreads): one per consumer warpgroup (mirrored's V tail zeroing),
+# then the split_s exchanges between the two consumer warpgroups (256 threads).
 BARRIER_WG_BASE = 1
+BARRIER_ROW_MAX = 3
+BARRIER_P_READY = 4
+BARRIER_ROW_SUM = 5
+SCHEDULES = ("split_s", "mirrored")
 
 
 class MlaDecode:
-    """Split-KV MLA decode. Config (compile-time): element dtype, head dim (576 or 512), KV stages."""
+    """Split-KV MLA decode. Config (compile-time): dtype, head dim (576 or 512), consumer schedule."""
 
-    def __init__(self, dtype, d_qk: int = 576, kv_stages: int = 2):
+    def __init__(self, dtype, d_qk: int = 576, schedule: str = "split_s", kv_stages: int = 2):
         assert d_qk % SUBTILE_K == 0 and d_qk >= D_V
+        assert schedule in SCHEDULES, schedule
         self.dtype = dtype
         self.d_qk = d_qk
         self.kv_stages = kv_stages
         self.num_subtiles = d_qk // SUBTILE_K
+        self.split_s = schedule == "split_s"
+        # Keys of one tile whose scores a consumer warpgroup computes.
+        self.qk_cols = BLOCK_N // 2 if self.split_s else BLOCK_N
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mBlockTable: cute.Tensor,
@@ -82,20 +95,35 @@ class MlaDecode:
 
         K_MAJOR, MN_MAJOR = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
         tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
-            dt, dt, K_MAJOR, K_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, BLOCK_N))
+            dt, dt, K_MAJOR, K_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, self.qk_cols))
+        # split_s reads P from shared memory (both halves); mirrored keeps its own P in registers.
+        p_source = warpgroup.OperandSource.SMEM if self.split_s else warpgroup.OperandSource.RMEM
         tiled_mma_pv = sm90_utils.make_trivial_tiled_mma(
             dt, dt, K_MAJOR, MN_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, D_V // 2),
-            a_source=warpgroup.OperandSource.RMEM)
+            a_source=p_source)
+        sP_layout = row_major_tile(dt, BLOCK_M, BLOCK_N)
 
         num_stages_ring = self.num_subtiles * self.kv_stages
 
         @cute.struct
-        class SharedStorage:
+        class MirroredStorage:
             mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
             mbar_kv: cute.struct.MemRange[cutlass.Int64, 2 * num_stages_ring]
             sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
 
+        @cute.struct
+        class SplitSStorage:
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_kv: cute.struct.MemRange[cutlass.Int64, 2 * num_stages_ring]
+            sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sP_layout)], 1024]
+            # Row maxima (64 rows x 2 warpgroups); row sums (x 2 buffers, by request parity).
+            sRowMax: cute.struct.MemRange[Float32, BLOCK_M * 2]
+            sRowSum: cute.struct.MemRange[Float32, BLOCK_M * 4]
+
+        SharedStorage = SplitSStorage if self.split_s else MirroredStorage
         self.shared_storage = SharedStorage
         assert SharedStorage.size_in_bytes() <= SMEM_LIMIT, "shared memory over the sm90 limit"
 
@@ -104,7 +132,7 @@ class MlaDecode:
         self.kernel(
             tma_atom_Q, tma_Q, tma_atom_K, tma_K, mBlockTable, mSeqlens, mMeta, mNumSplits,
             mOut_r, mLse_r, mOAccum, mLseAccum, scale_log2, is_causal,
-            tiled_mma_qk, tiled_mma_pv, sQ_layout, sK_layout,
+            tiled_mma_qk, tiled_mma_pv, sQ_layout, sK_layout, sP_layout,
         ).launch(grid=(num_m_blocks, h_kv, mMeta.shape[0]), block=(NUM_THREADS, 1, 1),
                  smem=SharedStorage.size_in_bytes(), stream=stream)
 
@@ -114,7 +142,8 @@ class MlaDecode:
                mNumSplits: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
                mLseAccum: cute.Tensor, scale_log2: Float32, is_causal: Int32,
                tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
-               sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout):
+               sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
+               sP_layout: cute.ComposedLayout):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         tidx, _, _ = cute.arch.thread_idx()
         m_block, kv_head, part = cute.arch.block_idx()
@@ -137,6 +166,11 @@ class MlaDecode:
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        exchange = None
+        if const_expr(self.split_s):
+            exchange = (storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner),
+                        storage.sRowMax.get_tensor(cute.make_layout((BLOCK_M, 2))),
+                        storage.sRowSum.get_tensor(cute.make_layout((BLOCK_M, 2, 2))))
         pipeline.pipeline_init_wait(cluster_shape_mn=(1, 1))
 
         batch = mSeqlens.shape[0]
@@ -150,7 +184,7 @@ class MlaDecode:
                                   mOut.shape[0][0], mOut.shape[0][1])
             else:
                 cute.arch.setmaxregister_increase(CONSUMER_REGS)
-                self.consumer(tidx - 128, sQ, sK, mSeqlens, mMeta, mNumSplits, mOut, mLse,
+                self.consumer(tidx - 128, sQ, sK, exchange, mSeqlens, mMeta, mNumSplits, mOut, mLse,
                               mOAccum, mLseAccum, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv,
                               m_block, kv_head, part, scale_log2, is_causal, mQ.shape[0])
 
@@ -208,9 +242,9 @@ class MlaDecode:
                     kv_state.advance()
 
     @cute.jit
-    def consumer(self, tidx_wg2, sQ, sK, mSeqlens, mMeta, mNumSplits, mOut, mLse, mOAccum,
-                 mLseAccum, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv, m_block, kv_head, part,
-                 scale_log2: Float32, is_causal: Int32, rows):
+    def consumer(self, tidx_wg2, sQ, sK, exchange, mSeqlens, mMeta, mNumSplits, mOut, mLse,
+                 mOAccum, mLseAccum, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv, m_block, kv_head,
+                 part, scale_log2: Float32, is_causal: Int32, rows):
         wg = cute.arch.make_warp_uniform(tidx_wg2 // 128)  # which half of O this warpgroup owns
         tidx = tidx_wg2 % 128
         g = mOut.shape[0][0]
@@ -218,12 +252,21 @@ class MlaDecode:
 
         thr_qk = tiled_mma_qk.get_slice(tidx)
         tSrQ = tiled_mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
-        tSrK = tiled_mma_qk.make_fragment_B(thr_qk.partition_B(sK))
+        sK_qk = sK
+        if const_expr(self.split_s):  # this warpgroup's 32 keys of each stage: (32, d, stages)
+            sK_qk = cute.flat_divide(sK, (self.qk_cols, self.d_qk))[None, None, wg, 0, None]
+        tSrK = tiled_mma_qk.make_fragment_B(thr_qk.partition_B(sK_qk))
         sVt = v_transposed_view(sK, BLOCK_N, self.d_qk, self.kv_stages)
         sVt_half = cute.flat_divide(sVt, (D_V // 2, BLOCK_N))[None, None, wg, 0, None]
         thr_pv = tiled_mma_pv.get_slice(tidx)
         tOrVt = tiled_mma_pv.make_fragment_B(thr_pv.partition_B(sVt_half))
-        tOrP = tiled_mma_pv.make_fragment_A(thr_pv.partition_shape_A((BLOCK_M, BLOCK_N)))
+        if const_expr(self.split_s):
+            sP, sRowMax, sRowSum = exchange
+            tOrP = tiled_mma_pv.make_fragment_A(thr_pv.partition_A(sP))
+            sP_mine = cute.flat_divide(sP, (BLOCK_M, self.qk_cols))[None, None, 0, wg]
+            tPsP = thr_qk.partition_C(sP_mine)
+        else:
+            tOrP = tiled_mma_pv.make_fragment_A(thr_pv.partition_shape_A((BLOCK_M, BLOCK_N)))
         k_per_subtile = SUBTILE_K // 16
 
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
@@ -231,13 +274,15 @@ class MlaDecode:
             pipeline.PipelineUserType.Consumer, self.num_subtiles * self.kv_stages)
         release_state = pipeline.make_pipeline_state(
             pipeline.PipelineUserType.Consumer, self.num_subtiles * self.kv_stages)
-        warp_row = (tidx // 32) * 16 + (tidx % 32) // 4
+        # Each thread owns rows tile_row and tile_row + 8 of this M tile; a quad shares a row.
+        tile_row = (tidx // 32) * 16 + (tidx % 32) // 4
+        quad_leader = tidx % 4 == 0
+        key_offset = wg * self.qk_cols if const_expr(self.split_s) else 0
 
         for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
             start, end, seqlen = self.block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
                                                   g, s_q, rows)
-            # Each thread owns rows warp_row and warp_row + 8 of this M tile.
-            row0 = m_block * BLOCK_M + warp_row
+            row0 = m_block * BLOCK_M + tile_row
             row1 = row0 + 8
             border0 = seqlen
             border1 = seqlen
@@ -258,7 +303,8 @@ class MlaDecode:
             for n in cutlass.range(start, end, unroll=1):
                 stage = kv_state.index // self.num_subtiles
                 # S = Q K^T, issued sub-tile by sub-tile as each lands.
-                acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N)), Float32)
+                acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, self.qk_cols)),
+                                              Float32)
                 mma_qk = cute.make_mma_atom(tiled_mma_qk.op)
                 mma_qk.set(warpgroup.Field.ACCUMULATE, False)
                 warpgroup.fence()
@@ -273,18 +319,36 @@ class MlaDecode:
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
 
-                key_base = n * BLOCK_N
-                if key_base + BLOCK_N > tile_border:
-                    sm.mask_scores(acc_S, tidx, key_base, border0, border1)
-                rescale = sm.online_softmax_step(acc_S, row_max, row_sum, scale_log2)
+                if n * BLOCK_N + BLOCK_N > tile_border:
+                    sm.mask_scores(acc_S, tidx, n * BLOCK_N + key_offset, border0, border1)
+                block_max = sm.block_row_max(acc_S)
+                if const_expr(self.split_s):
+                    # Both warpgroups need the row max over all 64 keys of the tile.
+                    if quad_leader:
+                        sRowMax[tile_row, wg] = block_max[0]
+                        sRowMax[tile_row + 8, wg] = block_max[1]
+                    cute.arch.barrier(barrier_id=BARRIER_ROW_MAX, number_of_threads=256)
+                    block_max[0] = cute.arch.fmax(block_max[0], sRowMax[tile_row, 1 - wg])
+                    block_max[1] = cute.arch.fmax(block_max[1], sRowMax[tile_row + 8, 1 - wg])
+                rescale = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
                 sm.rescale_rows(acc_O, rescale)
-                cute.make_tensor(tOrP.iterator, acc_S.layout).store(acc_S.load().to(self.dtype))
+                if const_expr(self.split_s):
+                    rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
+                    rP.store(acc_S.load().to(self.dtype))
+                    cute.autovec_copy(rP, tPsP)
+                else:
+                    cute.make_tensor(tOrP.iterator, acc_S.layout).store(acc_S.load().to(self.dtype))
 
                 # The tail page's rows past seqlen may hold anything (NaN): P is 0 there, but
                 # 0 * NaN is NaN in the MMA, so zero this warpgroup's half of those V rows.
-                valid = seqlen - key_base
+                valid = seqlen - n * BLOCK_N
                 if valid < BLOCK_N:
                     self.zero_v_tail(sK, valid, wg, tidx, stage)
+                if const_expr(self.split_s):
+                    # P halves (and V tails) written by generic stores, read by the other
+                    # warpgroup's WGMMA (async proxy): fence, then meet.
+                    cute.arch.fence_view_async_shared()
+                    cute.arch.barrier(barrier_id=BARRIER_P_READY, number_of_threads=256)
 
                 mma_pv = cute.make_mma_atom(tiled_mma_pv.op)
                 mma_pv.set(warpgroup.Field.ACCUMULATE, True)
@@ -299,8 +363,22 @@ class MlaDecode:
             pipe_q.consumer_release(q_state)
             q_state.advance()
 
-            self.epilogue(acc_O, row_max, row_sum, tidx, wg, req, kv_head, row0, rows, mNumSplits,
-                          mMeta, part, mOut, mLse, mOAccum, mLseAccum)
+            row_total = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+            for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+                row_total[r] = sm.quad_allreduce_sum(row_sum[r])
+            if const_expr(self.split_s):
+                # Each warpgroup summed its own keys. Double-buffered by request parity: the other
+                # warpgroup may still read the previous request's sums.
+                buf = req % 2
+                if quad_leader:
+                    sRowSum[tile_row, wg, buf] = row_total[0]
+                    sRowSum[tile_row + 8, wg, buf] = row_total[1]
+                cute.arch.barrier(barrier_id=BARRIER_ROW_SUM, number_of_threads=256)
+                row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
+                row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
+
+            self.epilogue(acc_O, row_max, row_total, tidx, wg, req, kv_head, row0, rows,
+                          mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum)
 
     @cute.jit
     def zero_v_tail(self, sK, valid, wg, tidx, stage):
@@ -308,18 +386,19 @@ class MlaDecode:
         first_row = max(valid, 0)
         for idx in cutlass.range(tidx, (BLOCK_N - first_row) * half, 128, unroll=1):
             sK[first_row + idx // half, wg * half + idx % half, stage] = self.dtype(0.0)
-        # Generic-proxy writes must be visible to the async proxy (WGMMA) of the whole warpgroup.
-        cute.arch.fence_view_async_shared()
-        cute.arch.barrier(barrier_id=BARRIER_WG_BASE + wg, number_of_threads=128)
+        if const_expr(not self.split_s):  # split_s fences and meets right after, with both WGs
+            # Generic-proxy writes must be visible to the async proxy (WGMMA) of the warpgroup.
+            cute.arch.fence_view_async_shared()
+            cute.arch.barrier(barrier_id=BARRIER_WG_BASE + wg, number_of_threads=128)
 
     @cute.jit
-    def epilogue(self, acc_O, row_max, row_sum, tidx, wg, req, kv_head, row0, rows, mNumSplits,
+    def epilogue(self, acc_O, row_max, row_total, tidx, wg, req, kv_head, row0, rows, mNumSplits,
                  mMeta, part, mOut, mLse, mOAccum, mLseAccum):
         """Normalise O by L; write out/lse, or the fp32 split partials with a base-2 LSE."""
         inv = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
         lse2 = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
         for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
-            total = sm.quad_allreduce_sum(row_sum[r])
+            total = row_total[r]
             if total > 0.0:
                 inv[r] = 1.0 / total
                 lse2[r] = row_max[r] + cute.math.log2(total, fastmath=False)
@@ -356,7 +435,6 @@ class MlaDecode:
                             lse_nat = lse2[r] * LN2
                         mLse[row, kv_head, req] = lse_nat
 
-
 def _fake_args(dtype, d_qk: int):
     """Fake tensors with symbolic sizes: batch, lengths and block counts never trigger a recompile."""
     from cutlass.cute.runtime import make_fake_tensor
@@ -389,25 +467,27 @@ def _fake_args(dtype, d_qk: int):
             Float32(1.0), Int32(0))
 
 
-def compile_decode(dtype, d_qk: int = 576, options: str | None = None):
-    """Compile (uncached) the decode kernel for one (dtype, d_qk). Use `get_decode_fn` to call it."""
+def compile_decode(dtype, d_qk: int = 576, schedule: str = "split_s", options: str | None = None):
+    """Compile (uncached) one decode variant. Use `get_decode_fn` to call it."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
-    kernel = MlaDecode(dtype, d_qk)
+    kernel = MlaDecode(dtype, d_qk, schedule)
     return cute.compile(kernel, *_fake_args(dtype, d_qk), fake_stream(),
                         options=options or COMPILE_OPTIONS)
 
 
-def get_decode_fn(dtype, d_qk: int = 576):
+def get_decode_fn(dtype, d_qk: int = 576, schedule: str = "split_s"):
     from .jit import compile_cache
 
-    return compile_cache.get("mla_decode", (str(dtype), d_qk), lambda: compile_decode(dtype, d_qk))
+    return compile_cache.get("mla_decode", (str(dtype), d_qk, schedule),
+                             lambda: compile_decode(dtype, d_qk, schedule))
 
 
 def compile_configs():
     """Every compiled variant, by name, for the CI compile checks."""
     return {
-        f"{name}_d{d}": partial(compile_decode, dt, d)
+        f"{name}_d{d}_{schedule}": partial(compile_decode, dt, d, schedule)
         for name, dt in (("bf16", cutlass.BFloat16), ("fp16", cutlass.Float16))
         for d in (576, 512)
+        for schedule in SCHEDULES
     }

@@ -24,6 +24,7 @@ from .jit import report_options
 
 PTX_MARKERS = {
     "wgmma": r"wgmma\.mma_async",
+    "wgmma_m64n32k16": r"wgmma\.mma_async\.sync\.aligned\.m64n32k16",
     "wgmma_m64n64k16": r"wgmma\.mma_async\.sync\.aligned\.m64n64k16",
     "wgmma_m64n256k16": r"wgmma\.mma_async\.sync\.aligned\.m64n256k16",
     "tma_load": r"cp\.async\.bulk\.tensor\.\dd\.shared::(?:cta|cluster)\.global",

@@ -38,7 +38,10 @@ def quad_allreduce_sum(x: Float32) -> Float32:
 
 @cute.jit
 def mask_scores(acc_S: cute.Tensor, tidx_in_wg, key_base, border0, border1):
-    """Set scores of keys at or past each row's border to -inf (select, not add: K rows may be NaN)."""
+    """Set scores of keys at or past each row's border to -inf (select, not add: K rows may be NaN).
+
+    key_base is the key index of the tile's column 0.
+    """
     for i in cutlass.range_constexpr(cute.size(acc_S)):
         row, col = acc_row_col(tidx_in_wg, i)
         border = border0 if (i // 2) % 2 == 0 else border1
@@ -47,30 +50,39 @@ def mask_scores(acc_S: cute.Tensor, tidx_in_wg, key_base, border0, border1):
 
 
 @cute.jit
-def online_softmax_step(acc_S: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
-                        scale_log2: Float32) -> cute.Tensor:
-    """Turn scores into unnormalised probabilities in place; update row_max/row_sum.
+def block_row_max(acc_S: cute.Tensor) -> cute.Tensor:
+    """Max of each of the thread's two rows over the tile's columns (raw scores, quad-reduced)."""
+    block_max = cute.make_rmem_tensor(ROWS_PER_THREAD, Float32)
+    for r in cutlass.range_constexpr(ROWS_PER_THREAD):
+        m = -Float32.inf
+        for i in cutlass.range_constexpr(cute.size(acc_S)):
+            if cutlass.const_expr((i // 2) % 2 == r):
+                m = cute.arch.fmax(m, acc_S[i])
+        block_max[r] = quad_allreduce_max(m)
+    return block_max
 
-    Returns the per-row factor the O accumulator must be multiplied by. A row with no finite score
-    yet keeps row_max = -inf and uses 0 as its shift, so -inf - (-inf) never happens.
+
+@cute.jit
+def online_softmax_step(acc_S: cute.Tensor, block_max: cute.Tensor, row_max: cute.Tensor,
+                        row_sum: cute.Tensor, scale_log2: Float32) -> cute.Tensor:
+    """Turn scores into unnormalised probabilities in place; update row_max and row_sum.
+
+    block_max: this tile's row maxima of raw scores (all columns the softmax covers this step).
+    row_sum stays a per-thread partial sum (quad-reduce it at the end). Returns the per-row factor
+    the O accumulator must be multiplied by. A row with no finite score yet keeps row_max = -inf and
+    uses 0 as its shift, so -inf - (-inf) never happens.
     """
-    n = cute.size(acc_S)
     rescale = cute.make_rmem_tensor(ROWS_PER_THREAD, Float32)
     for r in cutlass.range_constexpr(ROWS_PER_THREAD):
-        block_max = -Float32.inf
-        for i in cutlass.range_constexpr(n):
-            if cutlass.const_expr((i // 2) % 2 == r):
-                block_max = cute.arch.fmax(block_max, acc_S[i])
-        block_max = quad_allreduce_max(block_max) * scale_log2
         prev_max = row_max[r]
-        new_max = cute.arch.fmax(prev_max, block_max)
+        new_max = cute.arch.fmax(prev_max, block_max[r] * scale_log2)
         shift = new_max
         if new_max == -Float32.inf:
             shift = Float32(0.0)
         rescale[r] = cute.math.exp2(prev_max - shift, fastmath=True)
         row_max[r] = new_max
         partial_sum = row_sum[r] * rescale[r]
-        for i in cutlass.range_constexpr(n):
+        for i in cutlass.range_constexpr(cute.size(acc_S)):
             if cutlass.const_expr((i // 2) % 2 == r):
                 p = cute.math.exp2(acc_S[i] * scale_log2 - shift, fastmath=True)
                 acc_S[i] = p

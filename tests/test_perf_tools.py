@@ -1,0 +1,323 @@
+"""CPU tests of the perf tools: case grammar, presets, the dry-run sweep's CSV schema, plots, the profile report."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from cutemla.profile import (
+    ProfileReport,
+    classify_kernel,
+    device_peaks,
+    profile_decode,
+    roofline,
+    rotation_copies,
+    time_host,
+)
+from cutemla.testing import DecodeCase, decode_bytes, decode_flops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # perf/ is not installed; works under bare `pytest`
+from perf import bench_flashmla, profile as perf_profile, sweep
+from perf.cases import FLASHMLA_CONFIGS, PRESETS, SweepCase, expand_presets, parse_case, parse_cases
+from perf.providers import BASELINE_CSV
+from perf.schema import BASELINE_FIELDS, COLUMNS, DTYPES, read_results, to_frame
+
+# ----------------------------------------------------------------------------------------------------------
+# Case grammar
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("128x1x16k:h16", SweepCase(128, 1, 16384, 16)),
+    ("128x1x16k", SweepCase(128, 1, 16384, 128)),
+    ("4x2x128K:h=128,causal,fp16", SweepCase(4, 2, 131072, 128, causal=True, dtype="fp16")),
+    ("2x1x1m:h64,kv2,varlen,d512,z0.25,seed3",
+     SweepCase(2, 1, 1 << 20, 64, h_kv=2, varlen=True, d=512, zero_frac=0.25, seed=3)),
+    (" 7x3x100:fixed,bf16,kv=1 ", SweepCase(7, 3, 100, 128)),
+])
+def test_case_grammar_parses(text, expected):
+    case = parse_case(text)
+    assert case == expected
+    assert parse_case(case.spec) == case  # canonical form round-trips
+
+
+def test_case_spec_is_canonical():
+    assert parse_case("128x1x16384:varlen,h16").spec == "128x1x16k:h16,varlen"
+    assert SweepCase(1, 1, 100, 16, causal=True, dtype="fp16").spec == "1x1x100:h16,causal,fp16"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "non-empty"),
+    ("128x1", "BxSQxSK"),
+    ("128x1x16k x2", "BxSQxSK"),
+    ("0x1x16k", "batch size B"),
+    ("ax1x16k", "batch size B"),
+    ("1x1x16q", "KV length SK"),
+    ("1x1x16k:h0", "h_q must be a positive integer"),
+    ("1x1x16k:h16,kv3", "multiple of h_kv"),
+    ("1x1x16k:foo", "unknown option 'foo'"),
+    ("1x1x16k:h16,h32", "conflicts"),
+    ("1x1x16k:fixed,varlen", "conflicts"),
+    ("1x1x16k:bf16,fp16", "conflicts"),
+    ("1x1x16k:d128", "d must be 512 or 576"),
+    ("1x1x16k:z1.5", "zero fraction"),
+    ("1x1x16k:h1.5", "needs a number"),
+    ("1x1x16k:", "empty option"),
+    ("1x1x16k:h16,,causal", "empty option"),
+])
+def test_case_grammar_rejects_bad_strings(text, message):
+    with pytest.raises(ValueError, match=message) as info:
+        parse_case(text)
+    if text:
+        assert repr(text.strip()) in str(info.value) or "h_q" in str(info.value) or "zero" in str(info.value)
+
+
+def test_parse_cases_splits_on_space_and_semicolon():
+    cases = parse_cases("1x1x64:h16; 2x1x128:h32  3x2x1k:h16,causal")
+    assert [c.b for c in cases] == [1, 2, 3]
+    with pytest.raises(ValueError, match="no case"):
+        parse_cases("  ")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def test_flashmla_preset_is_the_baseline_csv():
+    baseline = pd.read_csv(BASELINE_CSV)
+    keys = [tuple(r) for r in baseline[["b", "s_q", "s_k", "h_q", "causal", "varlen"]].itertuples(index=False)]
+    assert [c.baseline_key for c in expand_presets(["flashmla"])] == keys == [tuple(c) for c in FLASHMLA_CONFIGS]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_expand(name):
+    cases = expand_presets([name])
+    assert cases and len(cases) == len(set(cases))
+    for case in cases:
+        assert parse_case(case.spec) == case
+        case.decode_case()  # a valid cutemla.testing.DecodeCase
+
+
+def test_preset_contents():
+    long = expand_presets(["long-context"])
+    assert {c.b for c in long} <= set(range(1, 17)) and max(c.s_k for c in long) == 128 * 1024
+    assert all(c.h_q * c.s_q <= 64 for c in expand_presets(["memory-bound"]))
+    assert all(c.h_q == 128 for c in expand_presets(["compute-bound"]))
+    serving = expand_presets(["serving"])
+    assert any(c.zero_frac for c in serving) and all(c.varlen for c in serving)
+    both = expand_presets(["flashmla", "flashmla"])
+    assert len(both) == 28
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        expand_presets(["nope"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Roofline, peaks, timers
+
+
+@pytest.mark.parametrize("name, label", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+    ("NVIDIA H100 PCIe", "H100 PCIe"),
+    ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200 SXM"),
+    ("NVIDIA H800", "H800 SXM"),
+    ("NVIDIA H20", "H20"),
+    ("cpu", "assumed H100 SXM"),
+    ("NVIDIA A100-SXM4-80GB", "assumed H100 SXM"),
+])
+def test_device_peaks(name, label):
+    assert device_peaks(name).label == label
+
+
+def test_roofline_matches_baseline_formulas():
+    h100 = device_peaks("NVIDIA H100 80GB HBM3")
+    assert (h100.hbm_bytes_per_s, h100.flops_per_s) == (3.35e12, 989.4e12)
+    # Baseline row: flashmla,32,1,2048,16,0,0,2048,36.17,63.1,2118
+    flops, nbytes = decode_flops(32, 1, 16, 1, 2048), decode_bytes(32, 1, 16, 1, 2048)
+    r = roofline(flops, nbytes, 36.17e-6, h100)
+    assert r["tflops"] == pytest.approx(63.1, abs=0.05) and r["gbps"] == pytest.approx(2118, abs=1)
+    assert r["bound"] == "memory"
+    assert r["roofline_frac"] == pytest.approx(nbytes / 3.35e12 / 36.17e-6)
+    # 128 heads, s_q 2: intensity ~ 1.9 * 256 > ridge 295 -> compute-bound
+    big = roofline(decode_flops(128, 2, 128, 1, 8234), decode_bytes(128, 2, 128, 1, 8234), 821.56e-6, h100)
+    assert big["bound"] == "compute" and big["intensity"] > h100.ridge_flops_per_byte
+    assert math.isnan(roofline(1.0, 1.0, 0.0, h100)["tflops"])
+
+
+def test_classify_kernel_and_rotation():
+    assert classify_kernel("kernel_cutlass_kernel_cutemlaschedule_DecodingSchedMetaKernel_object") == "scheduler"
+    assert classify_kernel("kernel_cutlass_kernel_cutemla_kernels_decode_MlaDecode_object_1") == "decode"
+    assert classify_kernel("kernel_cutlass_kernel_cutemla_kernels_combine_MlaCombine_object") == "combine"
+    assert classify_kernel("void flash::flash_fwd_splitkv_mla_kernel<...>") == "decode"
+    assert classify_kernel("void flash::flash_fwd_mla_combine_kernel<...>") == "combine"
+    assert classify_kernel("void at::native::vectorized_elementwise_kernel<4>") == "other"
+    assert rotation_copies(10 * 2**20, 50 * 2**20) == 15
+    assert rotation_copies(1 * 2**20, 50 * 2**20) == 16  # capped
+    assert rotation_copies(400 * 2**20, 50 * 2**20) == 1
+
+
+def test_time_host_reports_median_and_min():
+    calls = []
+    timing = time_host(lambda: calls.append(1), trials=4, replays=3, warmup=2)
+    assert len(calls) == 2 + 4 * 3 and len(timing.samples_us) == 4
+    assert timing.min_us <= timing.median_us and timing.method == "host"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dry-run sweep: CSV schema, rows, plots
+
+
+CASES = "32x1x2k:h16 3x2x200:h8,kv2,causal,varlen,fp16"
+PROVIDERS = ["cutemla", "reference", "sdpa", "sdpa-latent", "flashinfer", "flashmla-baseline"]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("sweep")
+    out = out_dir / "dry.csv"
+    base = out_dir / "base.csv"
+    rc = sweep.main(["--case", CASES, "--dry-run", "--out", str(out), "--no-progress", "--trials", "2",
+                     "--replays", "1", "--baseline-format", str(base)])
+    assert rc == 0
+    return out, base
+
+
+def test_dry_run_csv_schema(dry_run):
+    out, _ = dry_run
+    raw = pd.read_csv(out)
+    assert list(raw.columns) == COLUMNS
+    frame = read_results(out)
+    for column, dtype in DTYPES.items():
+        if dtype == "str":
+            assert pd.api.types.is_string_dtype(frame[column]), column
+        else:
+            assert str(frame[column].dtype) == dtype, (column, frame[column].dtype)
+    cases = [c.spec for c in parse_cases(CASES)]
+    assert len(frame) == len(cases) * len(PROVIDERS)
+    pairs = set(zip(frame.provider, frame.case))
+    assert pairs == {(p, c) for p in PROVIDERS for c in cases}
+
+
+def test_dry_run_rows(dry_run):
+    frame = read_results(dry_run[0]).set_index(["provider", "case"])
+    fixed, varlen = (c.spec for c in parse_cases(CASES))
+    for provider in ("cutemla", "reference", "sdpa", "sdpa-latent"):
+        for case in (fixed, varlen):
+            row = frame.loc[(provider, case)]
+            assert row.status == "ok", (provider, case, row.status)
+            assert row.device == "cpu" and row.dry_run == 1 and math.isnan(row.sm_clock_mhz)
+            assert row.t_reuse_min_us > 0 and row.t_full_min_us > 0 and row.timing_reuse == "host"
+            assert row.tflops > 0 and row.gbps > 0 and 0 < row.roofline_frac < 1
+            assert row.peak_source == "assumed H100 SXM" and row.bound in ("memory", "compute")
+            assert row.b <= 2 and row.h_q <= 16 and row.s_k <= 96  # shrunk
+    ours = frame.loc[("cutemla", fixed)]
+    assert ours.backend == "reference" and ours.max_abs_err == 0.0
+    # CPU plans for 132 SMs (H100): 16 heads = one 64-row block -> 132 partitions; lengths 96 -> split pieces.
+    from cutemla.schedule import get_decoding_sched_meta
+
+    meta, splits = get_decoding_sched_meta(torch.full((2,), 96, dtype=torch.int32), 1, 16, 1)
+    assert ours.num_sm_parts == meta.shape[0] == 132 and ours.total_splits == int(splits[-1]) > 2
+    assert frame.loc[("sdpa-latent", fixed)].max_abs_err < 1e-3  # same math, real cache
+    assert frame.loc[("cutemla", varlen)].h_kv == 2 and frame.loc[("cutemla", varlen)]["dtype"] == "fp16"
+    assert frame.loc[("flashinfer", fixed)].status.startswith("skipped") or frame.loc[("flashinfer", fixed)].status == "ok"
+    baseline = frame.loc[("flashmla-baseline", fixed)]
+    assert baseline.status == "ok" and baseline.t_reuse_min_us == pytest.approx(36.17)
+    assert baseline.tflops == pytest.approx(63.1, abs=0.05) and baseline.gbps == pytest.approx(2118, abs=1)
+    assert baseline.device.startswith("NVIDIA H100") and baseline.b == 32 and baseline.dry_run == 1
+    assert frame.loc[("flashmla-baseline", varlen)].status.startswith("skipped: no baseline row")
+
+
+def test_dry_run_plots_and_baseline_format(dry_run):
+    out, base = dry_run
+    for suffix in ("time", "roofline-frac", "roofline"):
+        png = out.parent / f"{out.stem}-{suffix}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    table = pd.read_csv(base)
+    assert list(table.columns) == BASELINE_FIELDS and set(table.impl) == {"cutemla"} and len(table) == 2
+
+
+def test_example_results_csv_follows_schema():
+    from perf.sweep import RESULTS_DIR
+
+    frame = read_results(RESULTS_DIR / "example-cpu-dryrun-flashmla.csv")
+    assert frame["dry_run"].all() and set(frame.provider) == set(PROVIDERS) and frame.case.nunique() == 28
+
+
+def test_to_frame_rejects_unknown_columns():
+    with pytest.raises(KeyError, match="not in the schema"):
+        to_frame([{"provider": "x", "bogus": 1}])
+
+
+def test_sweep_cli_list_and_errors(capsys):
+    assert sweep.main(["--list"]) == 0
+    text = capsys.readouterr().out
+    assert "flashmla" in text and "t_reuse_min_us" in text and "h16" in text
+    with pytest.raises(SystemExit):
+        sweep.main(["--dry-run"])  # no cases
+    with pytest.raises(ValueError, match="unknown provider"):
+        sweep.main(["--case", "1x1x64:h16", "--dry-run", "--providers", "nope"])
+
+
+def test_bench_flashmla_alias(tmp_path):
+    out = tmp_path / "bench.csv"
+    rc = bench_flashmla.main(["--dry-run", "--cases", "small", "--out", str(out)])
+    table = pd.read_csv(out)
+    assert rc == 0 and list(table.columns) == BASELINE_FIELDS and (table.us > 0).all()
+    assert len(table) == sum(1 for c in FLASHMLA_CONFIGS if c[0] * c[2] <= 2**19)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Profile report
+
+
+def test_profile_report_on_cpu():
+    report = profile_decode(DecodeCase(b=2, s_q=2, s_k=150, h_q=16, h_kv=1, causal=True), device="cpu",
+                            iters=2, trials=2)
+    assert isinstance(report, ProfileReport)
+    table = report.table
+    assert list(table.index) == ["scheduler", "decode", "combine", "other", "total"]
+    assert table.loc["total", "time_us"] == pytest.approx(table.loc["scheduler", "time_us"] + table.loc["decode", "time_us"])
+    assert table.loc["scheduler", "time_us"] > 0 and table.loc["decode", "time_us"] > 0
+    assert table["share"].iloc[:4].sum() == pytest.approx(1.0)
+    s = report.summary
+    assert s["backend"] == "reference" and s["device"] == "cpu" and s["bound"] in ("memory", "compute")
+    assert s["flops"] == pytest.approx(decode_flops(2, 2, 16, 1, s["mean_sk"]))
+    assert s["tflops"] > 0 and s["gbps"] > 0 and 0 < s["roofline_frac"] < 1
+    text = str(report)
+    assert "scheduler" in text and "bound" in text and "assumed H100 SXM" in text
+
+
+def test_profile_cli(capsys, tmp_path):
+    csv = tmp_path / "stages.csv"
+    assert perf_profile.main(["2x1x100:h16", "--device", "cpu", "--iters", "1", "--trials", "1", "--csv", str(csv)]) == 0
+    assert "cutemla decode profile" in capsys.readouterr().out
+    assert list(pd.read_csv(csv)["stage"]) == ["scheduler", "decode", "combine", "other", "total"]
+
+
+def test_profile_rejects_bad_input():
+    with pytest.raises(TypeError, match="DecodeCase or DecodeInputs"):
+        profile_decode("2x1x100:h16")
+    with pytest.raises(ValueError, match="iters and trials"):
+        profile_decode(DecodeCase(b=1, s_q=1, s_k=64, h_q=16, h_kv=1), device="cpu", iters=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU (sm90): the real path
+
+
+@pytest.mark.gpu
+def test_gpu_sweep_and_profile(tmp_path):
+    out = tmp_path / "gpu.csv"
+    assert sweep.main(["--case", "32x1x2k:h16 4x2x4k:h128,causal,varlen", "--out", str(out), "--no-progress",
+                       "--trials", "3", "--replays", "10", "--providers", "cutemla,reference,sdpa-latent,flashmla-baseline"]) == 0
+    frame = read_results(out).set_index(["provider", "case"])
+    ours = frame.loc[("cutemla", "32x1x2k:h16")]
+    assert ours.status == "ok" and ours.backend == "kernel" and ours.timing_reuse == "graph"
+    assert ours.max_abs_err < 1e-2 and ours.k_decode_us > 0 and ours.k_total_us > 0
+    assert ours.t_full_min_us >= ours.t_reuse_min_us * 0.8 and ours.sm_clock_mhz > 0
+    assert ours.compile_s > 0 and ours.cache_load_s > 0
+    report = profile_decode(DecodeCase(b=8, s_q=1, s_k=4096, h_q=128, h_kv=1), device="cuda", iters=5, trials=2)
+    assert report.summary["backend"] == "kernel" and report.table.loc["decode", "time_us"] > 0
