@@ -17,6 +17,8 @@ _TORCH_TO_DSL = {torch.bfloat16: "BFloat16", torch.float16: "Float16"}
 # The decode kernel's consumer schedule ("split_s" or "mirrored", see kernels/decode.py).
 # CUTEMLA_DECODE_SCHEDULE overrides it for experiments.
 DEFAULT_SCHEDULE = "split_s"
+# Blocks ahead of its TMA loads that the producer warms L2 with (CUTEMLA_L2_PREFETCH overrides).
+DEFAULT_L2_PREFETCH = 2
 
 
 def kernels_available(device) -> bool:
@@ -93,7 +95,8 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
     lse_accum = torch.empty(b + num_parts, h_kv, rows, dtype=torch.float32, device=device)
 
     schedule = schedule or os.environ.get("CUTEMLA_DECODE_SCHEDULE", DEFAULT_SCHEDULE)
-    decode = get_decode_fn(_dsl_dtype(q.dtype), d, schedule)
+    prefetch = int(os.environ.get("CUTEMLA_L2_PREFETCH", DEFAULT_L2_PREFETCH))
+    decode = get_decode_fn(_dsl_dtype(q.dtype), d, schedule, prefetch)
     q_rows = _tma_ready(fold_q(q, h_kv), "q", copy_ok=True)
     kcache = _tma_ready(kcache, "k_cache", copy_ok=False)
     with torch.cuda.device(device):  # TVM-FFI launches on the current device's current stream

@@ -17,7 +17,9 @@ Two consumer schedules share everything else (the `schedule` compile-time option
               two exchange row maxima and their bf16 P halves through shared memory (two named
               barriers per tile), then run PV as an SS WGMMA over the whole P.
   "mirrored"  both warpgroups compute the full 64x64 S (no exchange: identical S gives identical
-              maxima) and run PV from registers (RS). Twice the QK^T work, no per-tile barriers. Outputs: a request that the scheduler did not split writes
+              maxima) and run PV from registers (RS). Twice the QK^T work, no per-tile barriers.
+  "pipelined" split_s with QK^T of tile n+1 issued before PV of tile n, so the softmax of n+1
+              runs while the tensor cores do PV(n) (FA3-style intra-warpgroup overlap). Outputs: a request that the scheduler did not split writes
 out/lse directly; a split request writes fp32 O/L and the base-2 LSE per split for the combine kernel.
 """
 import math
@@ -35,8 +37,8 @@ from ..layouts.tiles import BLOCK_M, BLOCK_N, D_V, SUBTILE_K
 from . import softmax as sm
 
 NUM_THREADS = 384
-PRODUCER_REGS = 40
-CONSUMER_REGS = 232
+PRODUCER_REGS = 32
+CONSUMER_REGS = 240
 SMEM_LIMIT = 232448  # 227 KiB, the sm90 per-block opt-in maximum
 LN2 = math.log(2.0)
 # Named barrier ids (0 is __syncthreads): one per consumer warpgroup (mirrored's V tail zeroing),
@@ -45,20 +47,25 @@ BARRIER_WG_BASE = 1
 BARRIER_ROW_MAX = 3
 BARRIER_P_READY = 4
 BARRIER_ROW_SUM = 5
-SCHEDULES = ("split_s", "mirrored")
+SCHEDULES = ("pipelined", "split_s", "mirrored")
+BARRIER_P_FREE = 6
 
 
 class MlaDecode:
     """Split-KV MLA decode. Config (compile-time): dtype, head dim (576 or 512), consumer schedule."""
 
-    def __init__(self, dtype, d_qk: int = 576, schedule: str = "split_s", kv_stages: int = 2):
+    def __init__(self, dtype, d_qk: int = 576, schedule: str = "split_s", kv_stages: int = 2,
+                 l2_prefetch_blocks: int = 2):
         assert d_qk % SUBTILE_K == 0 and d_qk >= D_V
         assert schedule in SCHEDULES, schedule
         self.dtype = dtype
         self.d_qk = d_qk
         self.kv_stages = kv_stages
         self.num_subtiles = d_qk // SUBTILE_K
-        self.split_s = schedule == "split_s"
+        self.split_s = schedule in ("split_s", "pipelined")
+        self.pipelined = schedule == "pipelined"
+        # How many blocks ahead of its TMA loads the producer prefetches pages into L2 (0: off).
+        self.l2_prefetch_blocks = l2_prefetch_blocks
         # Keys of one tile whose scores a consumer warpgroup computes.
         self.qk_cols = BLOCK_N // 2 if self.split_s else BLOCK_N
 
@@ -240,6 +247,14 @@ class MlaDecode:
                     cute.copy(tma_atom_K, tKgK[None, t, page], tKsK[None, t, stage],
                               tma_bar_ptr=pipe_kv.producer_get_barrier(kv_state))
                     kv_state.advance()
+                if const_expr(self.l2_prefetch_blocks > 0):
+                    # Only two pages fit in shared memory: warm L2 with a later page so its TMA
+                    # load, issued when a stage frees up, waits on L2 instead of HBM.
+                    ahead = n + self.l2_prefetch_blocks
+                    if ahead < end:
+                        ahead_page = mBlockTable[req, ahead]
+                        for t in cutlass.range_constexpr(self.num_subtiles):
+                            cute.prefetch(tma_atom_K, tKgK[None, t, ahead_page])
 
     @cute.jit
     def consumer(self, tidx_wg2, sQ, sK, exchange, mSeqlens, mMeta, mNumSplits, mOut, mLse,
@@ -267,13 +282,12 @@ class MlaDecode:
             tPsP = thr_qk.partition_C(sP_mine)
         else:
             tOrP = tiled_mma_pv.make_fragment_A(thr_pv.partition_shape_A((BLOCK_M, BLOCK_N)))
-        k_per_subtile = SUBTILE_K // 16
+            sRowMax, sRowSum, tPsP = None, None, None
 
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
-        kv_state = pipeline.make_pipeline_state(
-            pipeline.PipelineUserType.Consumer, self.num_subtiles * self.kv_stages)
-        release_state = pipeline.make_pipeline_state(
-            pipeline.PipelineUserType.Consumer, self.num_subtiles * self.kv_stages)
+        # KV ring positions come from a running count of consumed blocks (see kv_slot), so the
+        # pipelined loop can wait on or release any block without mutating pipeline state.
+        kv_block = Int32(0)
         # Each thread owns rows tile_row and tile_row + 8 of this M tile; a quad shares a row.
         tile_row = (tidx // 32) * 16 + (tidx % 32) // 4
         quad_leader = tidx % 4 == 0
@@ -300,66 +314,76 @@ class MlaDecode:
             row_sum.fill(0.0)
 
             pipe_q.consumer_wait(q_state)
-            for n in cutlass.range(start, end, unroll=1):
-                stage = kv_state.index // self.num_subtiles
-                # S = Q K^T, issued sub-tile by sub-tile as each lands.
+            if const_expr(self.pipelined):
                 acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, self.qk_cols)),
                                               Float32)
-                mma_qk = cute.make_mma_atom(tiled_mma_qk.op)
-                mma_qk.set(warpgroup.Field.ACCUMULATE, False)
-                warpgroup.fence()
-                for t in cutlass.range_constexpr(self.num_subtiles):
-                    pipe_kv.consumer_wait(kv_state)
-                    for k in cutlass.range_constexpr(k_per_subtile):
-                        kk = t * k_per_subtile + k
-                        cute.gemm(mma_qk, acc_S, tSrQ[None, None, kk], tSrK[None, None, kk, stage],
-                                  acc_S)
-                        mma_qk.set(warpgroup.Field.ACCUMULATE, True)
-                    kv_state.advance()
-                warpgroup.commit_group()
-                warpgroup.wait_group(0)
-
-                if n * BLOCK_N + BLOCK_N > tile_border:
-                    sm.mask_scores(acc_S, tidx, n * BLOCK_N + key_offset, border0, border1)
-                block_max = sm.block_row_max(acc_S)
-                if const_expr(self.split_s):
-                    # Both warpgroups need the row max over all 64 keys of the tile.
-                    if quad_leader:
-                        sRowMax[tile_row, wg] = block_max[0]
-                        sRowMax[tile_row + 8, wg] = block_max[1]
-                    cute.arch.barrier(barrier_id=BARRIER_ROW_MAX, number_of_threads=256)
-                    block_max[0] = cute.arch.fmax(block_max[0], sRowMax[tile_row, 1 - wg])
-                    block_max[1] = cute.arch.fmax(block_max[1], sRowMax[tile_row + 8, 1 - wg])
-                rescale = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
-                sm.rescale_rows(acc_O, rescale)
-                if const_expr(self.split_s):
-                    rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
-                    rP.store(acc_S.load().to(self.dtype))
-                    cute.autovec_copy(rP, tPsP)
-                else:
-                    cute.make_tensor(tOrP.iterator, acc_S.layout).store(acc_S.load().to(self.dtype))
-
-                # The tail page's rows past seqlen may hold anything (NaN): P is 0 there, but
-                # 0 * NaN is NaN in the MMA, so zero this warpgroup's half of those V rows.
-                valid = seqlen - n * BLOCK_N
-                if valid < BLOCK_N:
-                    self.zero_v_tail(sK, valid, wg, tidx, stage)
-                if const_expr(self.split_s):
-                    # P halves (and V tails) written by generic stores, read by the other
-                    # warpgroup's WGMMA (async proxy): fence, then meet.
-                    cute.arch.fence_view_async_shared()
-                    cute.arch.barrier(barrier_id=BARRIER_P_READY, number_of_threads=256)
-
-                mma_pv = cute.make_mma_atom(tiled_mma_pv.op)
-                mma_pv.set(warpgroup.Field.ACCUMULATE, True)
-                warpgroup.fence()
-                for k in cutlass.range_constexpr(BLOCK_N // 16):
-                    cute.gemm(mma_pv, acc_O, tOrP[None, None, k], tOrVt[None, None, k, stage], acc_O)
-                warpgroup.commit_group()
-                warpgroup.wait_group(0)
-                for t in cutlass.range_constexpr(self.num_subtiles):
-                    pipe_kv.consumer_release(release_state)
-                    release_state.advance()
+                rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
+                rescale = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+                if start < end:  # prologue: tile `start` up to its P in shared memory
+                    self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, pipe_kv, kv_block, True)
+                    warpgroup.wait_group(0)
+                    self.softmax_to_registers(acc_S, rP, rescale, start, tile_border, tidx,
+                                              key_offset, border0, border1, sRowMax, tile_row, wg,
+                                              quad_leader, row_max, row_sum, scale_log2)
+                    self.stage_p(acc_O, rP, rescale, tPsP, sK, seqlen, start, wg, tidx,
+                                 kv_block % self.kv_stages)
+                for n in cutlass.range(start, end, unroll=1):
+                    blk = kv_block + (n - start)
+                    has_next = n + 1 < end
+                    next_blk = blk
+                    if has_next:
+                        next_blk = blk + 1
+                    # QK^T(n+1) before PV(n), so the softmax of n+1 overlaps PV(n). On the last
+                    # tile it re-runs QK^T on tile n's resident stage and the result is dropped:
+                    # the WGMMA issue stays out of data-dependent branches.
+                    self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, pipe_kv, next_blk, has_next)
+                    self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, blk % self.kv_stages)
+                    warpgroup.wait_group(1)  # QK^T(n+1) done; PV(n) still running
+                    if has_next:
+                        self.softmax_to_registers(acc_S, rP, rescale, n + 1, tile_border, tidx,
+                                                  key_offset, border0, border1, sRowMax,
+                                                  tile_row, wg, quad_leader, row_max, row_sum,
+                                                  scale_log2)
+                    warpgroup.wait_group(0)  # PV(n) done: its K may go, O may be rescaled
+                    self.release_kv(pipe_kv, blk)
+                    if has_next:
+                        self.stage_p(acc_O, rP, rescale, tPsP, sK, seqlen, n + 1, wg, tidx,
+                                     next_blk % self.kv_stages)
+            else:
+                for n in cutlass.range(start, end, unroll=1):
+                    blk = kv_block + (n - start)
+                    stage = blk % self.kv_stages
+                    acc_S = cute.make_rmem_tensor(
+                        thr_qk.partition_shape_C((BLOCK_M, self.qk_cols)), Float32)
+                    self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, pipe_kv, blk, True)
+                    warpgroup.wait_group(0)
+                    block_max = self.tile_row_max(acc_S, n, tile_border, tidx, key_offset,
+                                                  border0, border1, sRowMax, tile_row, wg,
+                                                  quad_leader)
+                    rescale = sm.online_softmax_step(acc_S, block_max, row_max, row_sum,
+                                                     scale_log2)
+                    sm.rescale_rows(acc_O, rescale)
+                    if const_expr(self.split_s):
+                        rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
+                        rP.store(acc_S.load().to(self.dtype))
+                        cute.autovec_copy(rP, tPsP)
+                    else:
+                        cute.make_tensor(tOrP.iterator, acc_S.layout).store(
+                            acc_S.load().to(self.dtype))
+                    # The tail page's rows past seqlen may hold anything (NaN): P is 0 there,
+                    # but 0 * NaN is NaN in the MMA, so zero this warpgroup's half of those rows.
+                    valid = seqlen - n * BLOCK_N
+                    if valid < BLOCK_N:
+                        self.zero_v_tail(sK, valid, wg, tidx, stage)
+                    if const_expr(self.split_s):
+                        # P halves (and V tails) written by generic stores, read by the other
+                        # warpgroup's WGMMA (async proxy): fence, then meet.
+                        cute.arch.fence_view_async_shared()
+                        cute.arch.barrier(barrier_id=BARRIER_P_READY, number_of_threads=256)
+                    self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, stage)
+                    warpgroup.wait_group(0)
+                    self.release_kv(pipe_kv, blk)
+            kv_block = kv_block + max(end - start, 0)
             pipe_q.consumer_release(q_state)
             q_state.advance()
 
@@ -379,6 +403,88 @@ class MlaDecode:
 
             self.epilogue(acc_O, row_max, row_total, tidx, wg, req, kv_head, row0, rows,
                           mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum)
+
+    def kv_slot(self, block_count, subtile):
+        """Ring position of `subtile` of the consumer's block_count-th block (0-based, all requests)."""
+        return pipeline.PipelineState(
+            self.num_subtiles * self.kv_stages, block_count,
+            (block_count % self.kv_stages) * self.num_subtiles + subtile,
+            (block_count // self.kv_stages) % 2)
+
+    @cute.jit
+    def issue_qk(self, acc_S, tSrQ, tSrK, tiled_mma_qk, pipe_kv, block_count, wait: bool):
+        """Issue S = Q K^T for one block, sub-tile by sub-tile as each lands (wait=False: the block
+        is already resident), and commit it as one WGMMA group."""
+        stage = block_count % self.kv_stages
+        k_per_subtile = SUBTILE_K // 16
+        mma_qk = cute.make_mma_atom(tiled_mma_qk.op)
+        mma_qk.set(warpgroup.Field.ACCUMULATE, False)
+        warpgroup.fence()
+        for t in cutlass.range_constexpr(self.num_subtiles):
+            if wait:
+                pipe_kv.consumer_wait(self.kv_slot(block_count, t))
+            for k in cutlass.range_constexpr(k_per_subtile):
+                kk = t * k_per_subtile + k
+                cute.gemm(mma_qk, acc_S, tSrQ[None, None, kk], tSrK[None, None, kk, stage], acc_S)
+                mma_qk.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def issue_pv(self, acc_O, tOrP, tOrVt, tiled_mma_pv, stage):
+        """Issue O += P V for this warpgroup's 256 columns and commit it as one WGMMA group."""
+        mma_pv = cute.make_mma_atom(tiled_mma_pv.op)
+        mma_pv.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.fence()
+        for k in cutlass.range_constexpr(BLOCK_N // 16):
+            cute.gemm(mma_pv, acc_O, tOrP[None, None, k], tOrVt[None, None, k, stage], acc_O)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def release_kv(self, pipe_kv, block_count):
+        for t in cutlass.range_constexpr(self.num_subtiles):
+            pipe_kv.consumer_release(self.kv_slot(block_count, t))
+
+    @cute.jit
+    def tile_row_max(self, acc_S, n, tile_border, tidx, key_offset, border0, border1, sRowMax,
+                     tile_row, wg, quad_leader):
+        """Mask the tile if it reaches a row's border, then its row maxima over all 64 keys
+        (split_s: combined with the other warpgroup's 32 keys through shared memory)."""
+        if n * BLOCK_N + BLOCK_N > tile_border:
+            sm.mask_scores(acc_S, tidx, n * BLOCK_N + key_offset, border0, border1)
+        block_max = sm.block_row_max(acc_S)
+        if const_expr(self.split_s):
+            if quad_leader:
+                sRowMax[tile_row, wg] = block_max[0]
+                sRowMax[tile_row + 8, wg] = block_max[1]
+            cute.arch.barrier(barrier_id=BARRIER_ROW_MAX, number_of_threads=256)
+            block_max[0] = cute.arch.fmax(block_max[0], sRowMax[tile_row, 1 - wg])
+            block_max[1] = cute.arch.fmax(block_max[1], sRowMax[tile_row + 8, 1 - wg])
+        return block_max
+
+    @cute.jit
+    def softmax_to_registers(self, acc_S, rP, rescale, n, tile_border, tidx, key_offset, border0,
+                             border1, sRowMax, tile_row, wg, quad_leader, row_max, row_sum,
+                             scale_log2):
+        """Scores of tile n -> bf16/fp16 P in registers and the row factors for O (pipelined)."""
+        block_max = self.tile_row_max(acc_S, n, tile_border, tidx, key_offset, border0, border1,
+                                      sRowMax, tile_row, wg, quad_leader)
+        factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
+        rescale[0] = factors[0]
+        rescale[1] = factors[1]
+        rP.store(acc_S.load().to(self.dtype))
+
+    @cute.jit
+    def stage_p(self, acc_O, rP, rescale, tPsP, sK, seqlen, n, wg, tidx, stage):
+        """Rescale O, then publish this warpgroup's P half of tile n for both PV WGMMAs."""
+        sm.rescale_rows(acc_O, rescale)
+        # sP is free once both warpgroups finished the previous PV.
+        cute.arch.barrier(barrier_id=BARRIER_P_FREE, number_of_threads=256)
+        cute.autovec_copy(rP, tPsP)
+        valid = seqlen - n * BLOCK_N
+        if valid < BLOCK_N:
+            self.zero_v_tail(sK, valid, wg, tidx, stage)
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=BARRIER_P_READY, number_of_threads=256)
 
     @cute.jit
     def zero_v_tail(self, sK, valid, wg, tidx, stage):
@@ -467,20 +573,22 @@ def _fake_args(dtype, d_qk: int):
             Float32(1.0), Int32(0))
 
 
-def compile_decode(dtype, d_qk: int = 576, schedule: str = "split_s", options: str | None = None):
+def compile_decode(dtype, d_qk: int = 576, schedule: str = "split_s", options: str | None = None,
+                   l2_prefetch_blocks: int = 2):
     """Compile (uncached) one decode variant. Use `get_decode_fn` to call it."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
-    kernel = MlaDecode(dtype, d_qk, schedule)
+    kernel = MlaDecode(dtype, d_qk, schedule, l2_prefetch_blocks=l2_prefetch_blocks)
     return cute.compile(kernel, *_fake_args(dtype, d_qk), fake_stream(),
                         options=options or COMPILE_OPTIONS)
 
 
-def get_decode_fn(dtype, d_qk: int = 576, schedule: str = "split_s"):
+def get_decode_fn(dtype, d_qk: int = 576, schedule: str = "split_s", l2_prefetch_blocks: int = 2):
     from .jit import compile_cache
 
-    return compile_cache.get("mla_decode", (str(dtype), d_qk, schedule),
-                             lambda: compile_decode(dtype, d_qk, schedule))
+    return compile_cache.get(
+        "mla_decode", (str(dtype), d_qk, schedule, l2_prefetch_blocks),
+        lambda: compile_decode(dtype, d_qk, schedule, l2_prefetch_blocks=l2_prefetch_blocks))
 
 
 def compile_configs():
