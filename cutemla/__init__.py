@@ -11,11 +11,22 @@ from cutemla.interface import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla
 from cutemla.reference import mla_decode_reference
 from cutemla.validation import set_debug
 
+
+def profile_decode(*args, **kwargs):
+    """Where one decode call's time goes (scheduler, decode, combine) and its roofline fraction.
+
+    See ``cutemla.profile.profile_decode``; imported lazily so ``import cutemla`` stays cheap.
+    """
+    from cutemla.profile import profile_decode as _profile_decode
+
+    return _profile_decode(*args, **kwargs)
+
 __all__ = [
     "FlashMLASchedMeta",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
     "mla_decode_reference",
+    "profile_decode",
     "set_debug",
     "__version__",
 ]

@@ -7,7 +7,7 @@ import pytest
 from cutemla.kernels.ptx_report import run_report
 
 DECODE_CONFIGS = [f"{dt}_d{d}_{schedule}" for dt in ("bf16", "fp16") for d in (576, 512)
-                  for schedule in ("split_s", "mirrored")]
+                  for schedule in ("pipelined", "split_s")]
 
 
 @pytest.fixture(scope="module", params=DECODE_CONFIGS)
@@ -21,13 +21,14 @@ def test_decode_compiles_to_hopper_design(decode_report):
     subtiles = 9 if "_d576" in config else 8
     assert report["kernels"] == 1
     assert ptx["target_sm90a"] == 1
-    # QK^T: 4 k16 steps per 64-column sub-tile, over 32 keys (split_s) or all 64 (mirrored);
-    # PV: 4 k16 steps of m64n256 per consumer warpgroup.
-    qk_n = 32 if config.endswith("split_s") else 64
-    assert ptx[f"wgmma_m64n{qk_n}k16"] == 4 * subtiles
+    # QK^T: 4 k16 steps per 64-column sub-tile over this warpgroup's 32 keys (pipelined has two
+    # issue sites: the prologue and the loop); PV: 4 k16 steps of m64n256 per warpgroup.
+    qk_sites = 2 if config.endswith("pipelined") else 1
+    assert ptx["wgmma_m64n32k16"] == 4 * subtiles * qk_sites
     assert ptx["wgmma_m64n256k16"] == 4
-    # Q as one copy of `subtiles` boxes, K as one box per sub-tile.
+    # Q as one copy of `subtiles` boxes, K as one box per sub-tile; L2 prefetch of later pages.
     assert ptx["tma_load"] == 2 * subtiles
+    assert ptx["tma_prefetch"] == subtiles
     assert ptx["setmaxnreg"] == 2
 
 

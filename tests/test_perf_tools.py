@@ -321,3 +321,14 @@ def test_gpu_sweep_and_profile(tmp_path):
     assert ours.compile_s > 0 and ours.cache_load_s > 0
     report = profile_decode(DecodeCase(b=8, s_q=1, s_k=4096, h_q=128, h_kv=1), device="cuda", iters=5, trials=2)
     assert report.summary["backend"] == "kernel" and report.table.loc["decode", "time_us"] > 0
+
+
+@pytest.mark.filterwarnings("ignore:cutemla. CuTe DSL kernel unavailable")
+def test_top_level_profile_decode_is_lazy_and_works_on_cpu():
+    import cutemla
+    from cutemla.testing import DecodeCase
+
+    report = cutemla.profile_decode(DecodeCase(b=1, s_q=1, s_k=64, h_q=4, h_kv=1), device="cpu",
+                                    iters=1, trials=1)
+    assert {"scheduler", "decode", "total"} <= set(report.table.index)
+    assert report.table.loc["total", "time_us"] > 0

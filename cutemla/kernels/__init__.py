@@ -14,9 +14,9 @@ from ..layouts.cache import fold_q, lse_rows_view, out_rows_view
 from ..layouts.tiles import D_V, PAGE_SIZE
 
 _TORCH_TO_DSL = {torch.bfloat16: "BFloat16", torch.float16: "Float16"}
-# The decode kernel's consumer schedule ("split_s" or "mirrored", see kernels/decode.py).
+# The decode kernel's consumer schedule ("pipelined" or "split_s", see kernels/decode.py).
 # CUTEMLA_DECODE_SCHEDULE overrides it for experiments.
-DEFAULT_SCHEDULE = "split_s"
+DEFAULT_SCHEDULE = "pipelined"
 # Blocks ahead of its TMA loads that the producer warms L2 with (CUTEMLA_L2_PREFETCH overrides).
 DEFAULT_L2_PREFETCH = 2
 

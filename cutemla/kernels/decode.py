@@ -7,20 +7,21 @@ Warp roles (384 threads):
   warpgroup 0  producer. Warp 0 issues every TMA: Q once per request (9 boxes of 64x64, one mbarrier)
                and each KV page as d/64 sub-tile boxes, each on its own mbarrier, into a ring of two
                stages. The page id read from block_table is the TMA coordinate.
-  warpgroups 1, 2  consumers. Each computes the full S = Q K^T (64x64, SS WGMMA, starting on sub-tile t
-               as soon as it lands), runs the online softmax in registers (both get identical S, so
-               they agree on the row maxima without talking), and accumulates its own 256-column half
-               of O with an RS WGMMA: P from registers, V^T as a view of the K stage in smem.
+  warpgroups 1, 2  consumers. Each computes S = Q K^T for its own 32 of the tile's 64 keys (SS
+               WGMMA m64n32, starting on sub-tile t as soon as it lands); the two exchange row maxima
+               and their bf16/fp16 P halves through shared memory, run the online softmax in base 2,
+               and each accumulates its own 256-column half of O with an SS WGMMA over the whole P
+               and V^T, a transposed view of the K stage in shared memory (V is never loaded).
 
-Two consumer schedules share everything else (the `schedule` compile-time option):
-  "split_s"   each warpgroup computes S for its own 32 of the tile's 64 keys (half the QK^T work); the
-              two exchange row maxima and their bf16 P halves through shared memory (two named
-              barriers per tile), then run PV as an SS WGMMA over the whole P.
-  "mirrored"  both warpgroups compute the full 64x64 S (no exchange: identical S gives identical
-              maxima) and run PV from registers (RS). Twice the QK^T work, no per-tile barriers.
-  "pipelined" split_s with QK^T of tile n+1 issued before PV of tile n, so the softmax of n+1
-              runs while the tensor cores do PV(n) (FA3-style intra-warpgroup overlap). Outputs: a request that the scheduler did not split writes
-out/lse directly; a split request writes fp32 O/L and the base-2 LSE per split for the combine kernel.
+The `schedule` compile-time option picks the consumer loop:
+  "pipelined" QK^T of tile n+1 is issued before PV of tile n, so the softmax of n+1 runs while the
+              tensor cores do PV(n) (FA3-style intra-warpgroup overlap). The default.
+  "split_s"   one tile at a time: QK^T, softmax, PV. Simpler; kept as the reference schedule.
+(A third, "mirrored" -- both warpgroups computing the full S, P kept in registers -- was slower in
+every measured case and is gone; see perf/README.md.)
+
+Outputs: a request that the scheduler did not split writes out/lse directly; a split request writes
+fp32 O/L and the base-2 LSE per split for the combine kernel.
 """
 import math
 from functools import partial
@@ -37,24 +38,27 @@ from ..layouts.tiles import BLOCK_M, BLOCK_N, D_V, SUBTILE_K
 from . import softmax as sm
 
 NUM_THREADS = 384
-PRODUCER_REGS = 32
-CONSUMER_REGS = 240
+# Registers per thread after setmaxnreg. The launch gives every thread 65536 // 384 rounded down to
+# 8 = 168; the consumers' increase can only take what the producer's decrease gave back, so
+# 128 * producer + 256 * consumer must stay within 168 * 384, or setmaxnreg.inc waits forever
+# (a silent hang, seen on the H100 with 32/240).
+PRODUCER_REGS, CONSUMER_REGS = 40, 232
+LAUNCH_REGS = (65536 // NUM_THREADS) // 8 * 8
+assert 128 * PRODUCER_REGS + 256 * CONSUMER_REGS <= LAUNCH_REGS * NUM_THREADS
 SMEM_LIMIT = 232448  # 227 KiB, the sm90 per-block opt-in maximum
 LN2 = math.log(2.0)
-# Named barrier ids (0 is __syncthreads): one per consumer warpgroup (mirrored's V tail zeroing),
-# then the split_s exchanges between the two consumer warpgroups (256 threads).
-BARRIER_WG_BASE = 1
-BARRIER_ROW_MAX = 3
-BARRIER_P_READY = 4
-BARRIER_ROW_SUM = 5
-SCHEDULES = ("pipelined", "split_s", "mirrored")
-BARRIER_P_FREE = 6
+# Named barriers between the two consumer warpgroups (256 threads; id 0 is __syncthreads).
+BARRIER_ROW_MAX = 1  # row maxima of a tile published
+BARRIER_P_FREE = 2   # both finished the previous PV: sP may be overwritten
+BARRIER_P_READY = 3  # P halves (and zeroed V tails) visible to the async proxy
+BARRIER_ROW_SUM = 4  # row sums published at the end of a request
+SCHEDULES = ("pipelined", "split_s")
 
 
 class MlaDecode:
     """Split-KV MLA decode. Config (compile-time): dtype, head dim (576 or 512), consumer schedule."""
 
-    def __init__(self, dtype, d_qk: int = 576, schedule: str = "split_s", kv_stages: int = 2,
+    def __init__(self, dtype, d_qk: int = 576, schedule: str = "pipelined", kv_stages: int = 2,
                  l2_prefetch_blocks: int = 2):
         assert d_qk % SUBTILE_K == 0 and d_qk >= D_V
         assert schedule in SCHEDULES, schedule
@@ -62,12 +66,11 @@ class MlaDecode:
         self.d_qk = d_qk
         self.kv_stages = kv_stages
         self.num_subtiles = d_qk // SUBTILE_K
-        self.split_s = schedule in ("split_s", "pipelined")
         self.pipelined = schedule == "pipelined"
         # How many blocks ahead of its TMA loads the producer prefetches pages into L2 (0: off).
         self.l2_prefetch_blocks = l2_prefetch_blocks
         # Keys of one tile whose scores a consumer warpgroup computes.
-        self.qk_cols = BLOCK_N // 2 if self.split_s else BLOCK_N
+        self.qk_cols = BLOCK_N // 2
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mBlockTable: cute.Tensor,
@@ -103,24 +106,15 @@ class MlaDecode:
         K_MAJOR, MN_MAJOR = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
         tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
             dt, dt, K_MAJOR, K_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, self.qk_cols))
-        # split_s reads P from shared memory (both halves); mirrored keeps its own P in registers.
-        p_source = warpgroup.OperandSource.SMEM if self.split_s else warpgroup.OperandSource.RMEM
+        # P comes from shared memory: each warpgroup needs both halves.
         tiled_mma_pv = sm90_utils.make_trivial_tiled_mma(
-            dt, dt, K_MAJOR, MN_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, D_V // 2),
-            a_source=p_source)
+            dt, dt, K_MAJOR, MN_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, D_V // 2))
         sP_layout = row_major_tile(dt, BLOCK_M, BLOCK_N)
 
         num_stages_ring = self.num_subtiles * self.kv_stages
 
         @cute.struct
-        class MirroredStorage:
-            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
-            mbar_kv: cute.struct.MemRange[cutlass.Int64, 2 * num_stages_ring]
-            sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
-            sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
-
-        @cute.struct
-        class SplitSStorage:
+        class SharedStorage:
             mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
             mbar_kv: cute.struct.MemRange[cutlass.Int64, 2 * num_stages_ring]
             sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
@@ -130,7 +124,6 @@ class MlaDecode:
             sRowMax: cute.struct.MemRange[Float32, BLOCK_M * 2]
             sRowSum: cute.struct.MemRange[Float32, BLOCK_M * 4]
 
-        SharedStorage = SplitSStorage if self.split_s else MirroredStorage
         self.shared_storage = SharedStorage
         assert SharedStorage.size_in_bytes() <= SMEM_LIMIT, "shared memory over the sm90 limit"
 
@@ -173,11 +166,9 @@ class MlaDecode:
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        exchange = None
-        if const_expr(self.split_s):
-            exchange = (storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner),
-                        storage.sRowMax.get_tensor(cute.make_layout((BLOCK_M, 2))),
-                        storage.sRowSum.get_tensor(cute.make_layout((BLOCK_M, 2, 2))))
+        exchange = (storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner),
+                    storage.sRowMax.get_tensor(cute.make_layout((BLOCK_M, 2))),
+                    storage.sRowSum.get_tensor(cute.make_layout((BLOCK_M, 2, 2))))
         pipeline.pipeline_init_wait(cluster_shape_mn=(1, 1))
 
         batch = mSeqlens.shape[0]
@@ -267,22 +258,17 @@ class MlaDecode:
 
         thr_qk = tiled_mma_qk.get_slice(tidx)
         tSrQ = tiled_mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
-        sK_qk = sK
-        if const_expr(self.split_s):  # this warpgroup's 32 keys of each stage: (32, d, stages)
-            sK_qk = cute.flat_divide(sK, (self.qk_cols, self.d_qk))[None, None, wg, 0, None]
+        # This warpgroup's 32 keys of each stage: (32, d, stages).
+        sK_qk = cute.flat_divide(sK, (self.qk_cols, self.d_qk))[None, None, wg, 0, None]
         tSrK = tiled_mma_qk.make_fragment_B(thr_qk.partition_B(sK_qk))
         sVt = v_transposed_view(sK, BLOCK_N, self.d_qk, self.kv_stages)
         sVt_half = cute.flat_divide(sVt, (D_V // 2, BLOCK_N))[None, None, wg, 0, None]
         thr_pv = tiled_mma_pv.get_slice(tidx)
         tOrVt = tiled_mma_pv.make_fragment_B(thr_pv.partition_B(sVt_half))
-        if const_expr(self.split_s):
-            sP, sRowMax, sRowSum = exchange
-            tOrP = tiled_mma_pv.make_fragment_A(thr_pv.partition_A(sP))
-            sP_mine = cute.flat_divide(sP, (BLOCK_M, self.qk_cols))[None, None, 0, wg]
-            tPsP = thr_qk.partition_C(sP_mine)
-        else:
-            tOrP = tiled_mma_pv.make_fragment_A(thr_pv.partition_shape_A((BLOCK_M, BLOCK_N)))
-            sRowMax, sRowSum, tPsP = None, None, None
+        sP, sRowMax, sRowSum = exchange
+        tOrP = tiled_mma_pv.make_fragment_A(thr_pv.partition_A(sP))
+        # Where this warpgroup's P half goes: columns [32 * wg, 32 * wg + 32) of sP.
+        tPsP = thr_qk.partition_C(cute.flat_divide(sP, (BLOCK_M, self.qk_cols))[None, None, 0, wg])
 
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         # KV ring positions come from a running count of consumed blocks (see kv_slot), so the
@@ -291,7 +277,7 @@ class MlaDecode:
         # Each thread owns rows tile_row and tile_row + 8 of this M tile; a quad shares a row.
         tile_row = (tidx // 32) * 16 + (tidx % 32) // 4
         quad_leader = tidx % 4 == 0
-        key_offset = wg * self.qk_cols if const_expr(self.split_s) else 0
+        key_offset = wg * self.qk_cols  # key index of this warpgroup's first score column
 
         for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
             start, end, seqlen = self.block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
@@ -349,38 +335,21 @@ class MlaDecode:
                     if has_next:
                         self.stage_p(acc_O, rP, rescale, tPsP, sK, seqlen, n + 1, wg, tidx,
                                      next_blk % self.kv_stages)
-            else:
+            else:  # one tile at a time
+                acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, self.qk_cols)),
+                                              Float32)
+                rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
+                rescale = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
                 for n in cutlass.range(start, end, unroll=1):
                     blk = kv_block + (n - start)
-                    stage = blk % self.kv_stages
-                    acc_S = cute.make_rmem_tensor(
-                        thr_qk.partition_shape_C((BLOCK_M, self.qk_cols)), Float32)
                     self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, pipe_kv, blk, True)
                     warpgroup.wait_group(0)
-                    block_max = self.tile_row_max(acc_S, n, tile_border, tidx, key_offset,
-                                                  border0, border1, sRowMax, tile_row, wg,
-                                                  quad_leader)
-                    rescale = sm.online_softmax_step(acc_S, block_max, row_max, row_sum,
-                                                     scale_log2)
-                    sm.rescale_rows(acc_O, rescale)
-                    if const_expr(self.split_s):
-                        rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
-                        rP.store(acc_S.load().to(self.dtype))
-                        cute.autovec_copy(rP, tPsP)
-                    else:
-                        cute.make_tensor(tOrP.iterator, acc_S.layout).store(
-                            acc_S.load().to(self.dtype))
-                    # The tail page's rows past seqlen may hold anything (NaN): P is 0 there,
-                    # but 0 * NaN is NaN in the MMA, so zero this warpgroup's half of those rows.
-                    valid = seqlen - n * BLOCK_N
-                    if valid < BLOCK_N:
-                        self.zero_v_tail(sK, valid, wg, tidx, stage)
-                    if const_expr(self.split_s):
-                        # P halves (and V tails) written by generic stores, read by the other
-                        # warpgroup's WGMMA (async proxy): fence, then meet.
-                        cute.arch.fence_view_async_shared()
-                        cute.arch.barrier(barrier_id=BARRIER_P_READY, number_of_threads=256)
-                    self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, stage)
+                    self.softmax_to_registers(acc_S, rP, rescale, n, tile_border, tidx,
+                                              key_offset, border0, border1, sRowMax, tile_row, wg,
+                                              quad_leader, row_max, row_sum, scale_log2)
+                    self.stage_p(acc_O, rP, rescale, tPsP, sK, seqlen, n, wg, tidx,
+                                 blk % self.kv_stages)
+                    self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, blk % self.kv_stages)
                     warpgroup.wait_group(0)
                     self.release_kv(pipe_kv, blk)
             kv_block = kv_block + max(end - start, 0)
@@ -390,16 +359,15 @@ class MlaDecode:
             row_total = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 row_total[r] = sm.quad_allreduce_sum(row_sum[r])
-            if const_expr(self.split_s):
-                # Each warpgroup summed its own keys. Double-buffered by request parity: the other
-                # warpgroup may still read the previous request's sums.
-                buf = req % 2
-                if quad_leader:
-                    sRowSum[tile_row, wg, buf] = row_total[0]
-                    sRowSum[tile_row + 8, wg, buf] = row_total[1]
-                cute.arch.barrier(barrier_id=BARRIER_ROW_SUM, number_of_threads=256)
-                row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
-                row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
+            # Each warpgroup summed its own keys. Double-buffered by request parity: the other
+            # warpgroup may still read the previous request's sums.
+            buf = req % 2
+            if quad_leader:
+                sRowSum[tile_row, wg, buf] = row_total[0]
+                sRowSum[tile_row + 8, wg, buf] = row_total[1]
+            cute.arch.barrier(barrier_id=BARRIER_ROW_SUM, number_of_threads=256)
+            row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
+            row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
 
             self.epilogue(acc_O, row_max, row_total, tidx, wg, req, kv_head, row0, rows,
                           mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum)
@@ -447,25 +415,24 @@ class MlaDecode:
     @cute.jit
     def tile_row_max(self, acc_S, n, tile_border, tidx, key_offset, border0, border1, sRowMax,
                      tile_row, wg, quad_leader):
-        """Mask the tile if it reaches a row's border, then its row maxima over all 64 keys
-        (split_s: combined with the other warpgroup's 32 keys through shared memory)."""
+        """Mask the tile if it reaches a row's border, then its row maxima over all 64 keys: this
+        warpgroup's 32 combined with the other's through shared memory."""
         if n * BLOCK_N + BLOCK_N > tile_border:
             sm.mask_scores(acc_S, tidx, n * BLOCK_N + key_offset, border0, border1)
         block_max = sm.block_row_max(acc_S)
-        if const_expr(self.split_s):
-            if quad_leader:
-                sRowMax[tile_row, wg] = block_max[0]
-                sRowMax[tile_row + 8, wg] = block_max[1]
-            cute.arch.barrier(barrier_id=BARRIER_ROW_MAX, number_of_threads=256)
-            block_max[0] = cute.arch.fmax(block_max[0], sRowMax[tile_row, 1 - wg])
-            block_max[1] = cute.arch.fmax(block_max[1], sRowMax[tile_row + 8, 1 - wg])
+        if quad_leader:
+            sRowMax[tile_row, wg] = block_max[0]
+            sRowMax[tile_row + 8, wg] = block_max[1]
+        cute.arch.barrier(barrier_id=BARRIER_ROW_MAX, number_of_threads=256)
+        block_max[0] = cute.arch.fmax(block_max[0], sRowMax[tile_row, 1 - wg])
+        block_max[1] = cute.arch.fmax(block_max[1], sRowMax[tile_row + 8, 1 - wg])
         return block_max
 
     @cute.jit
     def softmax_to_registers(self, acc_S, rP, rescale, n, tile_border, tidx, key_offset, border0,
                              border1, sRowMax, tile_row, wg, quad_leader, row_max, row_sum,
                              scale_log2):
-        """Scores of tile n -> bf16/fp16 P in registers and the row factors for O (pipelined)."""
+        """Scores of tile n -> bf16/fp16 P in registers and the row factors for O."""
         block_max = self.tile_row_max(acc_S, n, tile_border, tidx, key_offset, border0, border1,
                                       sRowMax, tile_row, wg, quad_leader)
         factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
@@ -475,7 +442,10 @@ class MlaDecode:
 
     @cute.jit
     def stage_p(self, acc_O, rP, rescale, tPsP, sK, seqlen, n, wg, tidx, stage):
-        """Rescale O, then publish this warpgroup's P half of tile n for both PV WGMMAs."""
+        """Rescale O, then publish this warpgroup's P half of tile n for both PV WGMMAs.
+
+        The tail page's rows past seqlen may hold anything (NaN): P is 0 there, but 0 * NaN is NaN
+        in the MMA, so each warpgroup also zeroes its half of those V rows."""
         sm.rescale_rows(acc_O, rescale)
         # sP is free once both warpgroups finished the previous PV.
         cute.arch.barrier(barrier_id=BARRIER_P_FREE, number_of_threads=256)
@@ -488,14 +458,11 @@ class MlaDecode:
 
     @cute.jit
     def zero_v_tail(self, sK, valid, wg, tidx, stage):
+        """Zero rows [valid, 64) of this warpgroup's V columns (the caller fences and syncs)."""
         half = D_V // 2
         first_row = max(valid, 0)
         for idx in cutlass.range(tidx, (BLOCK_N - first_row) * half, 128, unroll=1):
             sK[first_row + idx // half, wg * half + idx % half, stage] = self.dtype(0.0)
-        if const_expr(not self.split_s):  # split_s fences and meets right after, with both WGs
-            # Generic-proxy writes must be visible to the async proxy (WGMMA) of the warpgroup.
-            cute.arch.fence_view_async_shared()
-            cute.arch.barrier(barrier_id=BARRIER_WG_BASE + wg, number_of_threads=128)
 
     @cute.jit
     def epilogue(self, acc_O, row_max, row_total, tidx, wg, req, kv_head, row0, rows, mNumSplits,
@@ -573,7 +540,7 @@ def _fake_args(dtype, d_qk: int):
             Float32(1.0), Int32(0))
 
 
-def compile_decode(dtype, d_qk: int = 576, schedule: str = "split_s", options: str | None = None,
+def compile_decode(dtype, d_qk: int = 576, schedule: str = "pipelined", options: str | None = None,
                    l2_prefetch_blocks: int = 2):
     """Compile (uncached) one decode variant. Use `get_decode_fn` to call it."""
     from .jit import COMPILE_OPTIONS, fake_stream
@@ -583,7 +550,7 @@ def compile_decode(dtype, d_qk: int = 576, schedule: str = "split_s", options: s
                         options=options or COMPILE_OPTIONS)
 
 
-def get_decode_fn(dtype, d_qk: int = 576, schedule: str = "split_s", l2_prefetch_blocks: int = 2):
+def get_decode_fn(dtype, d_qk: int = 576, schedule: str = "pipelined", l2_prefetch_blocks: int = 2):
     from .jit import compile_cache
 
     return compile_cache.get(

@@ -103,7 +103,9 @@ class CompileCache:
         digest = hashlib.sha256(repr(full_key).encode()).hexdigest()[:24]
         obj_path = directory / f"{name}-{digest}.o"
         directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / ".lock", "a+") as lock_file:
+        # One lock per object: concurrent processes never build the same kernel twice, and
+        # different kernels still build in parallel.
+        with open(obj_path.with_suffix(".lock"), "a+") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
                 if obj_path.exists():

@@ -28,6 +28,7 @@ PTX_MARKERS = {
     "wgmma_m64n64k16": r"wgmma\.mma_async\.sync\.aligned\.m64n64k16",
     "wgmma_m64n256k16": r"wgmma\.mma_async\.sync\.aligned\.m64n256k16",
     "tma_load": r"cp\.async\.bulk\.tensor\.\dd\.shared::(?:cta|cluster)\.global",
+    "tma_prefetch": r"cp\.async\.bulk\.prefetch\.tensor",
     "setmaxnreg": r"setmaxnreg",
     "griddepcontrol": r"griddepcontrol",
     "local_memory": r"\.local\b",
