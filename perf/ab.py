@@ -5,16 +5,18 @@
 A variant is schedule:l2_prefetch_blocks. Inputs are drawn on the GPU once per case (fast even for
 long contexts) and every variant is timed on them, interleaved, as one whole call (decode + combine,
 metadata reused, like the FlashMLA baseline) replayed in a CUDA graph; `us` is the best mean of
-`trials` rounds of `replays` replays.
+`trials` rounds of `replays` replays (cutemla.profile.time_cuda_graph).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import pandas as pd
 import torch
 
+from cutemla.profile import time_cuda_graph
 from cutemla.testing import DecodeCase, decode_bytes, decode_flops, make_decode_inputs
 
 # (b, s_q, s_k, h_q, varlen): the cases of the performance issue plus a few neighbours.
@@ -25,27 +27,8 @@ FOCUS_CASES = [
 ]
 
 
-def graph_time_us(fn, replays: int, trials: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    best = float("inf")
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / replays)
-    return best
-
-
 def run(variants, cases=FOCUS_CASES, replays=30, trials=5):
     from cutemla.kernels import run_dense_decode
-    from cutemla.kernels import decode as decode_mod  # noqa: F401  (compile errors surface early)
     from cutemla.schedule import get_decoding_sched_meta
 
     rows = []
@@ -58,20 +41,18 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5):
         nbytes = decode_bytes(b, s_q, h_q, 1, mean_sk)
         for variant in variants:
             schedule, prefetch = variant.split(":")
-            import os
-
-            os.environ["CUTEMLA_L2_PREFETCH"] = prefetch
+            os.environ["CUTEMLA_L2_PREFETCH"] = prefetch  # read by run_dense_decode at call time
 
             def call():
                 return run_dense_decode(data.q, data.kcache, data.block_table, data.cache_seqlens,
                                         meta, num_splits, 576 ** -0.5, False, schedule)
 
-            us = graph_time_us(call, replays, trials)
+            us = time_cuda_graph([call], trials=trials, replays=replays).min_us
             rows.append(dict(case=f"{b}x{s_q}x{s_k}:h{h_q}" + (",varlen" if varlen else ""),
                              variant=variant, us=round(us, 2), tflops=round(flops / us / 1e6, 1),
                              gbps=round(nbytes / us / 1e3)))
             print(rows[-1], file=sys.stderr, flush=True)
-        del data
+        data = meta = num_splits = None  # free the inputs before the next case
         torch.cuda.empty_cache()
     return pd.DataFrame(rows)
 

@@ -16,3 +16,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def clean_api_state(monkeypatch):
+    """No backend/debug env vars, and the API's cached backend choice and debug flag reset."""
+    import cutemla
+    from cutemla import interface
+
+    monkeypatch.delenv("CUTEMLA_BACKEND", raising=False)
+    monkeypatch.delenv("CUTEMLA_DEBUG", raising=False)
+    interface._reset_backend_state()
+    cutemla.set_debug(None)
+    yield
+    cutemla.set_debug(None)
+    interface._reset_backend_state()

@@ -31,14 +31,8 @@ pytestmark = pytest.mark.filterwarnings(f"ignore:{FALLBACK_WARNING}")
 
 
 @pytest.fixture(autouse=True)
-def _clean_state(monkeypatch):
-    monkeypatch.delenv("CUTEMLA_BACKEND", raising=False)
-    monkeypatch.delenv("CUTEMLA_DEBUG", raising=False)
-    interface._reset_backend_state()
-    cutemla.set_debug(None)
+def _clean_state(clean_api_state):
     yield
-    cutemla.set_debug(None)
-    interface._reset_backend_state()
 
 
 CASES = [

@@ -12,14 +12,8 @@ B, S_Q, H_Q, H_KV, D, PAGE, NUM_BLOCKS, MAX_BLOCKS = 2, 1, 4, 1, 576, 64, 4, 2
 
 
 @pytest.fixture(autouse=True)
-def _clean_state(monkeypatch):
-    monkeypatch.delenv("CUTEMLA_BACKEND", raising=False)
-    monkeypatch.delenv("CUTEMLA_DEBUG", raising=False)
-    interface._reset_backend_state()
-    cutemla.set_debug(None)
+def _clean_state(clean_api_state):
     yield
-    cutemla.set_debug(None)
-    interface._reset_backend_state()
 
 
 def _valid_args():

@@ -300,11 +300,11 @@ class MlaDecode:
             row_sum.fill(0.0)
 
             pipe_q.consumer_wait(q_state)
+            acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, self.qk_cols)),
+                                          Float32)
+            rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
+            rescale = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
             if const_expr(self.pipelined):
-                acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, self.qk_cols)),
-                                              Float32)
-                rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
-                rescale = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
                 if start < end:  # prologue: tile `start` up to its P in shared memory
                     self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, pipe_kv, kv_block, True)
                     warpgroup.wait_group(0)
@@ -336,10 +336,6 @@ class MlaDecode:
                         self.stage_p(acc_O, rP, rescale, tPsP, sK, seqlen, n + 1, wg, tidx,
                                      next_blk % self.kv_stages)
             else:  # one tile at a time
-                acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, self.qk_cols)),
-                                              Float32)
-                rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
-                rescale = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
                 for n in cutlass.range(start, end, unroll=1):
                     blk = kv_block + (n - start)
                     self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, pipe_kv, blk, True)

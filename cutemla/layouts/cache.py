@@ -15,9 +15,7 @@ def fold_q(q: torch.Tensor, h_kv: int) -> torch.Tensor:
     b, s_q, h_q, d = q.shape
     g = h_q // h_kv
     folded = q.view(b, s_q, h_kv, g, d).transpose(2, 3)  # [b, s_q, g, h_kv, d]
-    if h_kv == 1 or s_q == 1:
-        return folded.reshape(b, s_q * g, h_kv, d) if h_kv == 1 else folded.squeeze(1)
-    return folded.reshape(b, s_q * g, h_kv, d)
+    return folded.reshape(b, s_q * g, h_kv, d)  # reshape copies only when a view is impossible
 
 
 def out_rows_view(out: torch.Tensor, h_kv: int) -> torch.Tensor:
