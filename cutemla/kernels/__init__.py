@@ -75,6 +75,8 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
     q [b, s_q, h_q, d]; kcache [num_blocks, 64, h_kv, d]; block_table [b, max_blocks] int32;
     cache_seqlens [b] int32; metadata from cutemla.schedule. Returns (out [b, s_q, h_q, 512] in q's
     dtype, lse [b, h_q, s_q] fp32 natural log). No host sync; allocations depend only on shapes.
+    schedule: the decode kernel's consumer loop ("pipelined" or "split_s"); default
+    CUTEMLA_DECODE_SCHEDULE or DEFAULT_SCHEDULE.
     """
     from .combine import combine_splits
     from .decode import get_decode_fn
