@@ -1,0 +1,161 @@
+"""``MLADecoder``: static buffers and a plan/run split of MLA decode, for serving loops and CUDA graphs."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from cutemla import ops
+from cutemla.schedule import num_sm_parts
+from cutemla.validation import SCHED_META_ROW_WORDS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_softmax_scale
+
+__all__ = ["MLADecoder"]
+
+D_V = 512
+
+
+class MLADecoder:
+    """Paged MLA decode with every buffer preallocated, planned once per step and run once per layer.
+
+    Contract for an engine:
+
+    * **Sizes fixed at construction.** ``max_batch`` requests, ``s_q`` query tokens per request (1, or 1 + the
+      number of draft tokens for MTP/speculative verify), ``h_q`` query heads, ``h_kv`` latent KV heads (1 for
+      DeepSeek), ``head_dim`` 576 (512 latent + 64 RoPE) or 512, ``page_size`` (the kernel needs 64),
+      ``dtype`` bf16/fp16 for q and the cache, ``max_blocks_per_seq`` block-table columns, ``causal``
+      (bottom-right aligned, only matters for ``s_q > 1``) and ``softmax_scale`` (default ``head_dim ** -0.5``;
+      DeepSeek uses ``(qk_nope + qk_rope) ** -0.5`` times its YaRN mscale).
+    * **Static buffers** (same storage for the decoder's lifetime; safe to capture and to write in place):
+      ``cache_seqlens`` int32 ``[max_batch]``; ``block_table`` int32 ``[max_batch, max_blocks_per_seq]``;
+      ``q_buf`` ``[max_batch, s_q, h_q, head_dim]``; ``tile_scheduler_metadata`` int32
+      ``[num_sm_parts, 8]``; ``num_splits`` int32 ``[max_batch + 1]``; ``out`` ``[max_batch, s_q, h_q, 512]``
+      in ``dtype``; ``lse`` fp32 ``[max_batch, h_q, s_q]``. Split-KV accumulators are workspace of the
+      decode call itself (allocated by shape only, so a CUDA graph's private pool keeps them).
+    * **Per step**: ``plan(cache_seqlens)`` with int32 ``[b]`` lengths *including the tokens of this step*,
+      ``b <= max_batch``. Rows ``b..max_batch-1`` get length 0 (nothing read, output 0, lse +inf). Planning
+      runs the scheduler on the device (no host sync on an sm90 GPU) into the static metadata buffers.
+    * **Per layer**: ``run(q, kv_cache, block_table)`` with ``q [b, s_q, h_q, head_dim]`` (the planned ``b``),
+      this layer's ``kv_cache [num_blocks, page_size, h_kv, head_dim]`` (first 512 columns are V) and
+      ``block_table [b, <= max_blocks_per_seq]`` int32. Inputs are copied into the static buffers unless
+      they already are them (pass ``decoder.q_buf[:b]`` / ``decoder.block_table[:b]`` to skip the copies);
+      the decode always covers all ``max_batch`` rows. Returns views ``out[:b]`` and ``lse[:b]`` of the static
+      outputs (also copied into ``out=`` / ``lse=`` when given). Every layer of a step reuses one plan.
+    * **CUDA graphs.** Capture ``plan`` and the ``run`` of every layer in one graph (compile kernels before
+      capture: one eager step, or ``python -m cutemla.kernels.warmup``). Between replays an engine may change,
+      in place: the *values* of the seqlens tensor passed to ``plan`` (or of ``decoder.cache_seqlens`` when
+      ``plan()`` is captured without arguments), of the block-table tensor passed to ``run`` (or of
+      ``decoder.block_table``), of q, and of the KV caches (new tokens written, new pages assigned). It may
+      not change any shape, dtype, device, the live batch ``b`` (capture one graph per batch bucket and pad,
+      padded rows with length 0) or the tensors' storage. Replays recompute the schedule from the current
+      lengths, so lengths can grow freely up to ``max_blocks_per_seq * page_size``.
+    * Block-table entries past a request's needed pages are never read and may hold anything.
+    """
+
+    def __init__(self, max_batch: int, s_q: int, h_q: int, h_kv: int, page_size: int = 64,
+                 dtype: torch.dtype = torch.bfloat16, device="cuda", num_sms: Optional[int] = None, *,
+                 max_blocks_per_seq: int = 64, head_dim: int = 576, causal: bool = True,
+                 softmax_scale: Optional[float] = None):
+        for name, value in (("max_batch", max_batch), ("s_q", s_q), ("h_q", h_q), ("h_kv", h_kv),
+                            ("page_size", page_size), ("max_blocks_per_seq", max_blocks_per_seq)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if h_q % h_kv:
+            raise ValueError(f"h_q ({h_q}) must be a multiple of h_kv ({h_kv})")
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.max_batch, self.s_q, self.h_q, self.h_kv = max_batch, s_q, h_q, h_kv
+        self.page_size, self.dtype, self.head_dim = page_size, dtype, head_dim
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.causal = bool(causal) and s_q > 1
+        self.softmax_scale = check_softmax_scale(softmax_scale, head_dim)
+        self.num_sms = ops.default_num_sms(self.device) if num_sms is None else num_sms
+        self.num_sm_parts = num_sm_parts(self.num_sms, s_q, h_q, h_kv)
+
+        dev, i32 = self.device, torch.int32
+        self.cache_seqlens = torch.zeros(max_batch, dtype=i32, device=dev)
+        self.block_table = torch.zeros(max_batch, max_blocks_per_seq, dtype=i32, device=dev)
+        self.q_buf = torch.zeros(max_batch, s_q, h_q, head_dim, dtype=dtype, device=dev)
+        self.tile_scheduler_metadata = torch.zeros(self.num_sm_parts, SCHED_META_ROW_WORDS, dtype=i32, device=dev)
+        self.num_splits = torch.zeros(max_batch + 1, dtype=i32, device=dev)
+        self.out = torch.zeros(max_batch, s_q, h_q, D_V, dtype=dtype, device=dev)
+        self.lse = torch.full((max_batch, h_q, s_q), float("inf"), dtype=torch.float32, device=dev)
+        self.batch: Optional[int] = None  # live batch of the current plan
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def plan(self, cache_seqlens: Optional[torch.Tensor] = None) -> None:
+        """Schedule this step from the lengths (int32 ``[b]``, ``b <= max_batch``) into the static buffers.
+
+        ``cache_seqlens=None`` plans from ``self.cache_seqlens`` as the engine left it (live batch = max_batch).
+        """
+        if cache_seqlens is None:
+            batch = self.max_batch
+        else:
+            if not isinstance(cache_seqlens, torch.Tensor):
+                raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
+            if cache_seqlens.dim() != 1 or not 1 <= cache_seqlens.shape[0] <= self.max_batch:
+                raise ValueError(f"cache_seqlens must be [b] with 1 <= b <= max_batch={self.max_batch}, "
+                                 f"got shape {tuple(cache_seqlens.shape)}")
+            if cache_seqlens.dtype != torch.int32:
+                raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+            if cache_seqlens.device != self.device:
+                raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, the decoder on {self.device}")
+            batch = cache_seqlens.shape[0]
+            if cache_seqlens.data_ptr() != self.cache_seqlens.data_ptr():
+                self.cache_seqlens[:batch].copy_(cache_seqlens)
+            if batch < self.max_batch:
+                self.cache_seqlens[batch:].zero_()
+        meta, splits = ops.sched_meta(self.cache_seqlens, self.s_q, self.h_q, self.h_kv, self.num_sms)
+        self.tile_scheduler_metadata.copy_(meta)
+        self.num_splits.copy_(splits)
+        self.batch = batch
+
+    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decode one layer with the current plan; returns ``(out [b, s_q, h_q, 512], lse [b, h_q, s_q])``."""
+        batch = self.batch
+        if batch is None:
+            raise RuntimeError("MLADecoder.run called before plan(cache_seqlens)")
+        expect_q = (batch, self.s_q, self.h_q, self.head_dim)
+        if not isinstance(q, torch.Tensor) or tuple(q.shape) != expect_q:
+            raise ValueError(f"q must be {list(expect_q)} ([b, s_q, h_q, head_dim] of the plan), got "
+                             f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+        if q.dtype != self.dtype:
+            raise TypeError(f"q must be {self.dtype}, got {q.dtype}")
+        expect_kv = (self.page_size, self.h_kv, self.head_dim)
+        if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 4 or tuple(kv_cache.shape[1:]) != expect_kv:
+            raise ValueError(f"kv_cache must be [num_blocks, {', '.join(map(str, expect_kv))}], got "
+                             f"{tuple(kv_cache.shape) if isinstance(kv_cache, torch.Tensor) else type(kv_cache).__name__}")
+        if kv_cache.dtype != self.dtype:
+            raise TypeError(f"kv_cache must be {self.dtype}, got {kv_cache.dtype}")
+        if (not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != batch
+                or block_table.shape[1] > self.max_blocks_per_seq):
+            raise ValueError(f"block_table must be [b={batch}, <= max_blocks_per_seq={self.max_blocks_per_seq}], "
+                             f"got {tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else block_table}")
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+        for name, t in (("q", q), ("kv_cache", kv_cache), ("block_table", block_table)):
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, the decoder on {self.device}")
+
+        if q.data_ptr() != self.q_buf.data_ptr():
+            self.q_buf[:batch].copy_(q)
+        if block_table.data_ptr() != self.block_table.data_ptr():
+            self.block_table[:batch, :block_table.shape[1]].copy_(block_table)
+        full_out, full_lse = ops.mla_decode(self.q_buf, kv_cache, self.block_table, self.cache_seqlens,
+                                            self.tile_scheduler_metadata, self.num_splits,
+                                            self.softmax_scale, self.causal)
+        # The decode allocates its outputs (by shape: graph-safe); one copy puts them in the static buffers.
+        self.out.copy_(full_out)
+        self.lse.copy_(full_lse)
+        out_view, lse_view = self.out[:batch], self.lse[:batch]
+        if out is not None:
+            out.copy_(out_view)
+        if lse is not None:
+            lse.copy_(lse_view)
+        return (out if out is not None else out_view), (lse if lse is not None else lse_view)

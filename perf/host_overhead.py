@@ -1,0 +1,86 @@
+"""Host (Python) overhead of one decode call, with the kernel replaced by a stub that returns preallocated outputs.
+
+What is left is everything cutemla does around the kernel on the GPU path: argument checks, backend choice,
+metadata handling, the op wrapper. Runs on CPU (the stub stands in for ``cutemla.kernels.run_dense_decode``);
+on a GPU host the same numbers plus the real launch cost (TVM-FFI, ~a few us per kernel) apply.
+
+    python -m perf.host_overhead [--iters 20000]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from unittest import mock
+
+import torch
+
+import cutemla
+from cutemla import interface, kernels, ops
+from cutemla.schedule import get_decoding_sched_meta
+
+
+@contextlib.contextmanager
+def stub_kernel(out: torch.Tensor, lse: torch.Tensor):
+    """Pretend the kernel backend is available on CPU and make the 'kernel' return the given outputs."""
+    def fake_decode(*args, **kwargs):
+        return out, lse
+
+    with mock.patch.object(kernels, "kernels_available", lambda device: True), \
+            mock.patch.object(kernels, "run_dense_decode", fake_decode):
+        interface._reset_backend_state()
+        try:
+            yield
+        finally:
+            interface._reset_backend_state()
+
+
+def _time_per_call(fn, iters: int) -> float:
+    for _ in range(min(iters, 200)):
+        fn()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        best = min(best, (time.perf_counter() - start) / iters)
+    return best * 1e6
+
+
+def measure(iters: int = 20000, b: int = 64, s_q: int = 1, h_q: int = 128, h_kv: int = 1) -> dict:
+    """Microseconds per call (best of 5 loops) for each entry point, stub kernel."""
+    q = torch.zeros(b, s_q, h_q, 576, dtype=torch.bfloat16)
+    kcache = torch.zeros(b * 4, 64, h_kv, 576, dtype=torch.bfloat16)
+    block_table = torch.arange(b * 4, dtype=torch.int32).view(b, 4)
+    seqlens = torch.full((b,), 200, dtype=torch.int32)
+    meta, splits = get_decoding_sched_meta(seqlens, s_q, h_q, h_kv)
+    out = torch.empty(b, s_q, h_q, 512, dtype=torch.bfloat16)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32)
+    results = {}
+    with stub_kernel(out, lse):
+        sched = cutemla.get_mla_metadata()[0]
+        cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, sched, causal=True)  # fills it
+        results["flash_mla_with_kvcache (FlashMLASchedMeta reused)"] = _time_per_call(
+            lambda: cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, sched, causal=True), iters)
+        results["flash_mla_with_kvcache (old-style meta, num_splits)"] = _time_per_call(
+            lambda: cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, meta, splits,
+                                                   causal=True), iters)
+        results["cutemla.ops.mla_decode (eager, no dispatcher)"] = _time_per_call(
+            lambda: ops.mla_decode(q, kcache, block_table, seqlens, meta, splits, causal=True), iters)
+        results["torch.ops.cutemla.mla_decode (dispatcher, no checks)"] = _time_per_call(
+            lambda: torch.ops.cutemla.mla_decode(q, kcache, block_table, seqlens, meta, splits, 0.04, True), iters)
+        results["stub alone"] = _time_per_call(lambda: kernels.run_dense_decode(q, kcache, block_table, seqlens,
+                                                                               meta, splits, 0.04, True), iters)
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=20000)
+    args = parser.parse_args(argv)
+    for name, us in measure(args.iters).items():
+        print(f"{us:8.2f} us  {name}")
+
+
+if __name__ == "__main__":
+    main()
