@@ -337,7 +337,8 @@ def flash_mla_with_kvcache(
         validate_sched_tensors(tile_scheduler_metadata, num_splits, shape.b, q.device)
         meta = tile_scheduler_metadata
         if debug:
-            debug_checks(q, k_cache, block_table, cache_seqlens, num_splits=num_splits)
+            debug_checks(q, k_cache, block_table, cache_seqlens, num_splits=num_splits,
+                         tile_scheduler_metadata=tile_scheduler_metadata)
     else:
         raise TypeError(
             "tile_scheduler_metadata must be a FlashMLASchedMeta (from get_mla_metadata()) or an int32 "

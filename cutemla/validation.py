@@ -357,11 +357,13 @@ def debug_enabled() -> bool:
     return os.environ.get("CUTEMLA_DEBUG", "0") not in ("", "0")
 
 
-def debug_checks(q, k_cache, block_table, cache_seqlens, num_splits=None) -> None:
+def debug_checks(q, k_cache, block_table, cache_seqlens, num_splits=None, tile_scheduler_metadata=None) -> None:
     """Value checks that need a host sync: lengths within the block table, page ids within k_cache.
 
     Only the block-table entries a request needs (``ceil(cache_seqlens[i] / page_block_size)``) are checked;
-    the rest may hold garbage, as in FlashMLA.
+    the rest may hold garbage, as in FlashMLA. With old-style metadata, pass ``tile_scheduler_metadata`` too:
+    it is then checked against the current lengths (``cutemla.schedule.validate_metadata``), which catches
+    metadata reused after ``cache_seqlens`` changed the page count of a request.
     """
     num_blocks, page = k_cache.shape[0], k_cache.shape[1]
     max_blocks = block_table.shape[1]
@@ -397,3 +399,16 @@ def debug_checks(q, k_cache, block_table, cache_seqlens, num_splits=None) -> Non
                 "num_splits must start at 0 and increase by >= 1 per request (an exclusive prefix sum of splits "
                 f"from get_mla_metadata), got {splits.tolist()}"
             )
+        if tile_scheduler_metadata is not None:
+            from cutemla.schedule import validate_metadata  # lazy: validation stays import-light
+
+            try:
+                # Flags (words 5, 6) are FlashMLA's bookkeeping the kernel does not read; custom policies may differ.
+                # Blocks are counted in the scheduler's 64-token blocks whatever the page size (the reference path).
+                validate_metadata(tile_scheduler_metadata, num_splits, seqlens, check_flags=False)
+            except ValueError as exc:
+                raise ValueError(
+                    f"tile_scheduler_metadata / num_splits do not fit the current cache_seqlens ({exc}): your input "
+                    "arguments are inconsistent with the metadata; call get_mla_metadata(cache_seqlens, ...) again "
+                    "after the lengths change"
+                ) from None
