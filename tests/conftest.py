@@ -39,3 +39,9 @@ def clean_api_state(monkeypatch):
     yield
     cutemla.set_debug(None)
     interface._reset_backend_state()
+
+
+@pytest.fixture
+def reference_backend(clean_api_state, monkeypatch):
+    """clean_api_state, with the API pinned to the PyTorch reference (no fallback warning on CPU)."""
+    monkeypatch.setenv("CUTEMLA_BACKEND", "reference")

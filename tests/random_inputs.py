@@ -28,7 +28,7 @@ import torch
 
 from cutemla.testing import UNUSED_BLOCK_ID, DecodeCase, DecodeInputs
 
-__all__ = ["RandomSpec", "draw_spec", "build_inputs", "case_rng", "single_thread"]
+__all__ = ["RandomSpec", "draw_spec", "build_inputs", "case_rng"]
 
 GARBAGE_KINDS = ("unused_id", "negative", "random", "alias")
 Q_VIEWS = ("contiguous", "padded_d", "head_slice", "batch_slice", "transposed", "misaligned")
@@ -221,20 +221,3 @@ def build_inputs(spec: RandomSpec, device="cpu") -> DecodeInputs:
     case = DecodeCase(b=spec.b, s_q=spec.s_q, s_k=max(spec.seqlens), h_q=spec.h_q, h_kv=spec.h_kv, d=spec.d,
                       page_size=page, causal=spec.causal, dtype=spec.dtype, seed=spec.seed)
     return DecodeInputs(q, kcache, table, seqlens, case)
-
-
-class single_thread:
-    """Context manager: torch on one intra-op thread (restored after).
-
-    These tests run thousands of tiny ops, where thread wake-ups cost more than they save; on a busy 2-core
-    machine two threads were measured 3-50x slower than one for the reference and the oracle.
-    """
-
-    def __enter__(self):
-        self._saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self._saved)
-        return False

@@ -30,20 +30,12 @@ from cutemla import validation
 from cutemla.interface import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
 from cutemla.reference import mla_decode_reference
 from cutemla.testing import DecodeCase, make_decode_inputs
-from random_inputs import single_thread
 
 B, H_Q, H_KV, D, PAGE = 2, 4, 1, 576, 64
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _reference(clean_api_state, monkeypatch):
-    monkeypatch.setenv("CUTEMLA_BACKEND", "reference")
+def _reference_backend(reference_backend):
     yield
 
 

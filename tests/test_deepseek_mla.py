@@ -17,8 +17,8 @@ STEPS = (3, 1, 2, 1, 1)  # tokens per decode step: a 3-token chunk (causal s_q >
 
 
 @pytest.fixture(autouse=True)
-def _reference_backend(clean_api_state, monkeypatch):
-    monkeypatch.setenv("CUTEMLA_BACKEND", "reference")
+def _reference_backend(reference_backend):
+    yield
 
 
 def _hf_attention(q_lora_rank, rope_interleave, seed):

@@ -24,18 +24,11 @@ from cutemla.reference import mla_decode_reference
 from cutemla.schedule import get_decoding_sched_meta
 from cutemla.schedule.reference_impl import BEGIN_BLOCK, BEGIN_REQ, BEGIN_SPLIT, END_BLOCK, END_REQ
 from cutemla.testing import LSE_TOL, OUT_TOL, DecodeInputs, assert_close_flashmla
-from random_inputs import RandomSpec, build_inputs, case_rng, draw_spec, single_thread
+from random_inputs import RandomSpec, build_inputs, case_rng, draw_spec
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _reference(clean_api_state, monkeypatch):
-    monkeypatch.setenv("CUTEMLA_BACKEND", "reference")
+def _reference_backend(reference_backend):
     yield
 
 

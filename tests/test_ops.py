@@ -16,8 +16,8 @@ CASES = [
 
 
 @pytest.fixture(autouse=True)
-def _reference_backend(clean_api_state, monkeypatch):
-    monkeypatch.setenv("CUTEMLA_BACKEND", "reference")  # no fallback warning; CPU is the reference anyway
+def _reference_backend(reference_backend):
+    yield
 
 
 def _op_args(x):

@@ -20,16 +20,10 @@ import torch
 import cutemla
 from cutemla.reference import mla_decode_reference
 from cutemla.testing import LSE_TOL, OUT_TOL, assert_close_flashmla, dense_attention_oracle
-from random_inputs import build_inputs, case_rng, draw_spec, single_thread
+from random_inputs import build_inputs, case_rng, draw_spec
 
 CPU_CASES = 200
 CPU_SEED = 20261125
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture

@@ -23,16 +23,6 @@ from cutemla.testing import (
 BF16, FP16 = torch.bfloat16, torch.float16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_intra_op_thread():
-    # These tests run thousands of small tensor ops; on a shared 2-core runner the intra-op thread wake-ups
-    # cost more than the ops themselves (measured 5-10x slower with 2 threads), so pin to one and restore.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def run_reference(inputs, **kwargs):
     return mla_decode_reference(
         inputs.q, inputs.kcache, inputs.block_table, inputs.cache_seqlens, head_dim_v=inputs.case.dv, **kwargs

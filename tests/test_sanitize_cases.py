@@ -13,13 +13,7 @@ from cutemla.schedule import get_decoding_sched_meta
 from cutemla.testing import LSE_TOL, OUT_TOL, assert_close_flashmla, dense_attention_oracle
 from cutemla.reference import mla_decode_reference
 from cutemla.validation import validate_decode_inputs, validate_kernel_inputs
-from random_inputs import build_inputs, single_thread
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
+from random_inputs import build_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,15 +13,8 @@ from cutemla.reference import mla_decode_reference
 from cutemla.schedule import DEFAULT_NUM_SMS, get_decoding_sched_meta, num_sm_parts, validate_metadata
 from cutemla.testing import LSE_TOL, OUT_TOL, DecodeCase, assert_close_flashmla, dense_attention_oracle
 from cutemla.testing import make_decode_inputs
-from random_inputs import single_thread
 
 LONG = 262144
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def _check_schedule(seqlens, s_q, h_q, h_kv, num_sms=DEFAULT_NUM_SMS):
