@@ -78,7 +78,7 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
     schedule: the decode kernel's consumer loop ("pipelined" or "split_s"); default
     CUTEMLA_DECODE_SCHEDULE or DEFAULT_SCHEDULE.
     """
-    from .combine import combine_splits
+    from .combine import launch_combine
     from .decode import get_decode_fn
 
     b, s_q, h_q, d = q.shape
@@ -105,5 +105,6 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
         decode(q_rows, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                out_rows_view(out, h_kv), lse_rows_view(lse, h_kv), o_accum, lse_accum,
                float(softmax_scale) * math.log2(math.e), int(bool(causal)))
-        combine_splits(o_accum, lse_accum, num_splits, out, lse)
+        # The decode's own buffers: shapes, dtypes and strides are right by construction.
+        launch_combine(o_accum, lse_accum, num_splits, out, lse)
     return out, lse

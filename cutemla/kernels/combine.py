@@ -358,6 +358,13 @@ def combine_splits(o_accum: torch.Tensor, lse_accum: torch.Tensor, num_splits: t
     if out.device.type != "cuda":
         combine_splits_torch(o_accum, lse_accum, num_splits, out, lse)
         return
+    launch_combine(o_accum, lse_accum, num_splits, out, lse)
+
+
+def launch_combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, num_splits: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor) -> None:
+    """`combine_splits` for CUDA tensors already known to fit its contract (the decode launcher's own
+    buffers): the same launch without re-validating every argument on the hot path."""
     if out.numel() == 0 or o_accum.shape[2] == 0:
         return
     if out.shape[0] > MAX_GRID_YZ or o_accum.shape[1] > MAX_GRID_YZ:
