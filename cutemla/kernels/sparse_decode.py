@@ -1,0 +1,546 @@
+"""Sparse (top-k) MLA decode over FlashMLA's 656-byte FP8 latent cache, for sm_90a (CuTe DSL).
+
+FlashMLA semantics (design/flashmla.md §1 "Sparse path", §6): ``indices [b, s_q, topk]`` int32 hold global
+token ids ``page * page_size + offset``; ``-1`` is skipped. ``topk_length [b]`` masks slots ``k >=
+topk_length[i]``; ``attn_sink [h_q]`` scales each head's output by ``exp(lse) / (exp(lse) + exp(sink))``
+(the returned lse is unchanged). On the device, *any* id outside ``[0, num_blocks * page_size)`` is treated
+like ``-1``: masked, never read (FlashMLA faults on them instead).
+
+One CTA per (64-row head tile, query position, request): grid ``(ceil(h_q / 64), s_q, b)``; no split-KV, so
+each CTA walks all of its row's top-k slots in tiles of 64 and writes ``out`` / ``lse`` directly. h_q may be
+anything (16, 32, 64, 128 are tested); rows past h_q in the last head tile are zero (TMA fill) and not stored.
+
+Warp roles (384 threads):
+  warpgroup 0  producer. Warp 0 first loads the 64x576 Q tile by TMA. Then each of the 4 warps gathers 16
+               of the tile's 64 tokens: lanes 0-15 read the 16 slot indices (one coalesced load), a ballot
+               makes the validity mask, and for each token the warp reads its 656 bytes with 16-byte
+               vector loads (lane l: NoPE bytes [16l, 16l+16), the fp32 scale of tile l // 8; lanes 0-7:
+               16 bytes of RoPE). The e4m3 values are dequantised in registers exactly like FlashMLA
+               (fp8 -> fp32, times bf16(scale), rounded to bf16: ``layouts/fp8_cache.dequantize_fp8_cache``)
+               and stored into a bf16 K tile in shared memory in the dense kernel's 128B-swizzled layout.
+               Invalid tokens are written as zeros (their logits are masked anyway; zero V keeps NaN out).
+               Each thread fences its generic stores for the async proxy (fence.proxy.async) and arrives
+               on the stage's "full" mbarrier (PipelineAsync, 2 stages). The slot validity bits go to
+               shared memory with the tile. While a tile is dequantised, the next tile's token rows are
+               prefetched into L2.
+  warpgroups 1, 2  consumers, as in the dense kernel's one-tile-at-a-time schedule: each computes
+               S = Q K^T for its own 32 keys (SS WGMMA m64n32k16 over the 9 64-column sub-tiles), masks
+               invalid slots to -inf (select), exchanges row maxima through shared memory, runs the base-2
+               online softmax (kernels/softmax.py), publishes its bf16 P half to shared memory and
+               accumulates its 256-column half of O with SS WGMMA m64n256k16 over V^T, a transposed view
+               of the K stage. The epilogue divides by the row sum, applies the sink factor and writes bf16
+               out and the natural-log lse.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+
+from . import jit  # noqa: F401  (pins CUTE_DSL_ARCH before cutlass is imported)
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32, Uint8, const_expr, pipeline
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.memory import SmemAllocator
+
+from ..layouts.fp8_cache import FP8_BYTES_PER_TOKEN, FP8_HEAD_DIM, FP8_NOPE_DIM
+from ..layouts.smem import row_major_tile, v_transposed_view
+from . import softmax as sm
+
+BLOCK_M = 64  # query heads per CTA (one WGMMA M)
+BLOCK_N = 64  # top-k slots per tile
+SUBTILE_K = 64
+D_QK = FP8_HEAD_DIM  # 576
+D_V = FP8_NOPE_DIM  # 512
+NUM_THREADS = 384
+TOKENS_PER_WARP = BLOCK_N // 4  # each producer warp gathers 16 tokens of a tile
+# setmaxnreg budgets. The launch gives every thread 65536 // 384 rounded down to 8 = 168 registers; the
+# consumers' increase can only take what the producer's decrease gave back (else setmaxnreg.inc hangs).
+LAUNCH_REGS = (65536 // NUM_THREADS) // 8 * 8
+
+
+def consumer_regs(producer_regs: int) -> int:
+    """The most a consumer thread may take after the producer warpgroup dropped to producer_regs."""
+    regs = min(240, (LAUNCH_REGS * NUM_THREADS - 128 * producer_regs) // 256 // 8 * 8)
+    assert 128 * producer_regs + 256 * regs <= LAUNCH_REGS * NUM_THREADS
+    return regs
+
+SMEM_LIMIT = 232448
+LN2 = math.log(2.0)
+LOG2E = math.log2(math.e)
+# Named barriers between the two consumer warpgroups (256 threads; id 0 is __syncthreads).
+BARRIER_ROW_MAX = 1
+BARRIER_P_FREE = 2
+BARRIER_P_READY = 3
+BARRIER_ROW_SUM = 4
+
+
+class MlaSparseDecodeFp8:
+    """Sparse FP8 decode. Config (compile-time): tokens a producer warp keeps in flight, L2 prefetch."""
+
+    def __init__(self, tokens_in_flight: int = 4, l2_prefetch: bool = True, producer_regs: int = 72,
+                 kv_stages: int = 2):
+        assert TOKENS_PER_WARP % tokens_in_flight == 0
+        self.producer_regs = producer_regs
+        self.consumer_regs = consumer_regs(producer_regs)
+        self.dtype = cutlass.BFloat16
+        self.tokens_in_flight = tokens_in_flight
+        self.l2_prefetch = l2_prefetch
+        self.kv_stages = kv_stages
+        self.num_subtiles = D_QK // SUBTILE_K
+        self.qk_cols = BLOCK_N // 2
+
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mKV: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
+                 mSink: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, scale_log2: Float32,
+                 has_topk_length: Int32, has_sink: Int32, stream):
+        """Tensors in torch order: mQ [b, s_q, h_q, 576] bf16, mKV [num_blocks, page, 1, 656] uint8,
+        mIndices [b, s_q, topk] int32, mTopkLength [>= b] int32 (read only if has_topk_length),
+        mSink [>= h_q] fp32 (read only if has_sink), mOut [b, s_q, h_q, 512] bf16, mLse [b, s_q, h_q] fp32.
+        """
+        dt = self.dtype
+        # Q as (h_q, d, s_q, b) for TMA; the cache as (656 bytes, page, num_blocks).
+        mQ_t = cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[2, 3, 1, 0]))
+        mKV_t = cute.make_tensor(mKV.iterator, cute.select(mKV.layout, mode=[3, 1, 0]))
+
+        sQ_layout = row_major_tile(dt, BLOCK_M, D_QK)
+        sK_layout = row_major_tile(dt, BLOCK_N, D_QK, self.kv_stages)
+        tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mQ_t, sQ_layout, (BLOCK_M, D_QK))
+
+        K_MAJOR, MN_MAJOR = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
+        tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
+            dt, dt, K_MAJOR, K_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, self.qk_cols))
+        tiled_mma_pv = sm90_utils.make_trivial_tiled_mma(
+            dt, dt, K_MAJOR, MN_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, D_V // 2))
+        sP_layout = row_major_tile(dt, BLOCK_M, BLOCK_N)
+
+        @cute.struct
+        class SharedStorage:
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_kv: cute.struct.MemRange[cutlass.Int64, 2 * self.kv_stages]
+            sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sP_layout)], 1024]
+            sRowMax: cute.struct.MemRange[Float32, BLOCK_M * 2]
+            sRowSum: cute.struct.MemRange[Float32, BLOCK_M * 2]
+            # Validity bits of each stage's 64 slots: one 16-bit word per producer warp.
+            sValid: cute.struct.MemRange[Int32, 4 * self.kv_stages]
+
+        self.shared_storage = SharedStorage
+        assert SharedStorage.size_in_bytes() <= SMEM_LIMIT, "shared memory over the sm90 limit"
+
+        b, s_q, h_q, _ = mQ.shape
+        num_m_blocks = (h_q + BLOCK_M - 1) // BLOCK_M
+        self.kernel(
+            tma_atom_Q, tma_Q, mKV_t, mIndices, mTopkLength, mSink, mOut, mLse, scale_log2,
+            has_topk_length, has_sink, tiled_mma_qk, tiled_mma_pv, sQ_layout, sK_layout, sP_layout,
+        ).launch(grid=(num_m_blocks, s_q, b), block=(NUM_THREADS, 1, 1),
+                 smem=SharedStorage.size_in_bytes(), stream=stream)
+
+    @cute.kernel
+    def kernel(self, tma_atom_Q: cute.CopyAtom, mQ: cute.Tensor, mKV: cute.Tensor, mIndices: cute.Tensor,
+               mTopkLength: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
+               scale_log2: Float32, has_topk_length: Int32, has_sink: Int32,
+               tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
+               sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
+               sP_layout: cute.ComposedLayout):
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        tidx, _, _ = cute.arch.thread_idx()
+        m_block, s_idx, batch = cute.arch.block_idx()
+        if warp_idx == 0:
+            cpasync.prefetch_descriptor(tma_atom_Q)
+
+        storage = SmemAllocator().allocate(self.shared_storage)
+        threads = partial(pipeline.CooperativeGroup, pipeline.Agent.Thread)
+        pipe_q = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_q.data_ptr(), num_stages=1,
+            producer_group=threads(1), consumer_group=threads(8),
+            tx_count=cute.size_in_bytes(self.dtype, sQ_layout), defer_sync=True)
+        # Every producer thread arrives on "full" after its own stores; every consumer thread on "empty".
+        pipe_kv = pipeline.PipelineAsync.create(
+            barrier_storage=storage.mbar_kv.data_ptr(), num_stages=self.kv_stages,
+            producer_group=threads(128), consumer_group=threads(256), defer_sync=True)
+        pipeline.pipeline_init_arrive(cluster_shape_mn=(1, 1), is_relaxed=True)
+
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        sRowMax = storage.sRowMax.get_tensor(cute.make_layout((BLOCK_M, 2)))
+        sRowSum = storage.sRowSum.get_tensor(cute.make_layout((BLOCK_M, 2)))
+        sValid = storage.sValid.get_tensor(cute.make_layout((4, self.kv_stages)))
+        pipeline.pipeline_init_wait(cluster_shape_mn=(1, 1))
+
+        # Slots [0, topk_eff) of this row are candidates; tiles past them are never touched.
+        topk = mIndices.shape[2]
+        topk_eff = topk
+        if has_topk_length != 0:
+            topk_eff = cutlass.max(cutlass.min(mTopkLength[batch], topk), 0)
+        num_tiles = (topk_eff + BLOCK_N - 1) // BLOCK_N
+
+        if warp_idx < 4:
+            cute.arch.setmaxregister_decrease(self.producer_regs)
+            if warp_idx == 0:
+                q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+                gQ = cute.local_tile(mQ[None, None, s_idx, batch], (BLOCK_M, D_QK), (m_block, 0))
+                tQsQ, tQgQ = cpasync.tma_partition(
+                    tma_atom_Q, 0, cute.make_layout(1), cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2))
+                pipe_q.producer_acquire(q_state)
+                cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
+            self.producer(mKV, mIndices, sK, sValid, pipe_kv, batch, s_idx, num_tiles, topk_eff, warp_idx)
+        else:
+            cute.arch.setmaxregister_increase(self.consumer_regs)
+            self.consumer(tidx - 128, sQ, sK, sP, sRowMax, sRowSum, sValid, pipe_q, pipe_kv,
+                          tiled_mma_qk, tiled_mma_pv, num_tiles, mSink, mOut, mLse, scale_log2, has_sink,
+                          m_block, s_idx, batch)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Producer: gather, dequantise, store
+
+    @cute.jit
+    def slot_index(self, mIndices, batch, s_idx, n, warp, lane, topk_eff, num_tokens):
+        """Lane j < 16 of `warp`: the token id of slot n*64 + 16*warp + j and whether it may be read."""
+        k = n * BLOCK_N + warp * TOKENS_PER_WARP + lane % TOKENS_PER_WARP
+        idx = Int32(-1)
+        if lane < TOKENS_PER_WARP and k < topk_eff:
+            idx = mIndices[batch, s_idx, k]
+        ok = idx >= 0 and idx < num_tokens
+        return idx, ok
+
+    @cute.jit
+    def producer(self, mKV, mIndices, sK, sValid, pipe_kv, batch, s_idx, num_tiles, topk_eff, warp):
+        lane = cute.arch.lane_idx()
+        page_size = mKV.shape[1]
+        num_tokens = page_size * mKV.shape[2]
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.kv_stages)
+        idx, ok = self.slot_index(mIndices, batch, s_idx, 0, warp, lane, topk_eff, num_tokens)
+        for n in cutlass.range(0, num_tiles, unroll=1):
+            bits = cute.arch.vote_ballot_sync(ok) & Int32(0xFFFF)
+            if const_expr(self.l2_prefetch):
+                # The next tile's indices now, its token rows into L2 while this tile is dequantised.
+                idx_next, ok_next = self.slot_index(mIndices, batch, s_idx, n + 1, warp, lane, topk_eff,
+                                                    num_tokens)
+                self.prefetch_tokens(mKV, idx_next, ok_next, page_size, lane)
+            stage = kv_state.index
+            pipe_kv.producer_acquire(kv_state)
+            if lane == 0:
+                sValid[warp, stage] = bits
+            for j0 in cutlass.range_constexpr(0, TOKENS_PER_WARP, self.tokens_in_flight):
+                self.gather_dequant(mKV, sK, idx, bits, page_size, stage, warp, lane, j0)
+            cute.arch.fence_view_async_shared()  # generic stores -> visible to WGMMA (async proxy)
+            pipe_kv.producer_commit(kv_state)
+            kv_state.advance()
+            if const_expr(self.l2_prefetch):
+                idx = idx_next
+                ok = ok_next
+            else:
+                idx, ok = self.slot_index(mIndices, batch, s_idx, n + 1, warp, lane, topk_eff, num_tokens)
+
+    @cute.jit
+    def prefetch_tokens(self, mKV, idx, ok, page_size, lane):
+        """prefetch.global.L2 of the 16 tokens' rows (6 lines of 128 B cover 656 bytes; 3 per lane)."""
+        for rep in cutlass.range_constexpr(3):
+            slot = rep * 32 + lane  # 96 (token, line) pairs
+            j = slot // 6
+            line = slot - j * 6
+            tok = cute.arch.shuffle_sync(idx, j)
+            valid = cute.arch.shuffle_sync(Int32(ok), j)
+            if valid != 0:
+                page = tok // page_size
+                row = mKV[None, tok - page * page_size, page]
+                offset = cutlass.min(line * 128, FP8_BYTES_PER_TOKEN - 16)
+                cute.arch.prefetch((row.iterator + offset).llvm_ptr, cache_level="L2")
+
+    @cute.jit
+    def gather_dequant(self, mKV, sK, idx, bits, page_size, stage, warp, lane,
+                       j0: cutlass.Constexpr[int]):
+        """Tokens j0 .. j0 + tokens_in_flight - 1 of this warp: load all, then dequantise and store."""
+        U = self.tokens_in_flight
+        nope = cute.make_rmem_tensor((16, U), Uint8)
+        scale = cute.make_rmem_tensor((4, U), Uint8)
+        rope = cute.make_rmem_tensor((16, U), Uint8)
+        nope.fill(0)
+        scale.fill(0)
+        rope.fill(0)
+        for u in cutlass.range_constexpr(U):
+            j = j0 + u
+            tok = cute.arch.shuffle_sync(idx, j)
+            if (bits >> j) & 1 != 0:
+                page = tok // page_size
+                row = mKV[None, tok - page * page_size, page]
+                cute.autovec_copy(cute.local_tile(row, (16,), (lane,)), nope[None, u])
+                cute.autovec_copy(cute.local_tile(row, (4,), (FP8_NOPE_DIM // 4 + lane // 8,)), scale[None, u])
+                if lane < 8:
+                    cute.autovec_copy(cute.local_tile(row, (16,), ((FP8_NOPE_DIM + 16) // 16 + lane,)),
+                                      rope[None, u])
+        for u in cutlass.range_constexpr(U):
+            r = warp * TOKENS_PER_WARP + j0 + u
+            s = cute.recast_tensor(scale[None, u], Float32)[0]
+            # FlashMLA's dequant: fp8 -> fp32, times bf16(scale), one rounding to bf16 (the product of
+            # a 4-bit and an 8-bit significand is exact in fp32).
+            s_bf16 = s.to(cutlass.BFloat16).to(Float32)
+            x = cute.recast_tensor(nope[None, u], cutlass.Float8E4M3FN).load().to(Float32)
+            k_frag = cute.make_rmem_tensor(16, self.dtype)
+            k_frag.store((x * s_bf16).to(self.dtype))
+            k_row = sK[r, None, stage]
+            cute.autovec_copy(k_frag, cute.local_tile(k_row, (16,), (lane,)))
+            if lane < 8:
+                cute.autovec_copy(cute.recast_tensor(rope[None, u], self.dtype),
+                                  cute.local_tile(k_row, (8,), (FP8_NOPE_DIM // 8 + lane,)))
+
+    # ------------------------------------------------------------------------------------------------------
+    # Consumers
+
+    @cute.jit
+    def consumer(self, tidx_wg2, sQ, sK, sP, sRowMax, sRowSum, sValid, pipe_q, pipe_kv, tiled_mma_qk,
+                 tiled_mma_pv, num_tiles, mSink, mOut, mLse, scale_log2: Float32, has_sink: Int32,
+                 m_block, s_idx, batch):
+        wg = cute.arch.make_warp_uniform(tidx_wg2 // 128)
+        tidx = tidx_wg2 % 128
+
+        thr_qk = tiled_mma_qk.get_slice(tidx)
+        tSrQ = tiled_mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
+        sK_qk = cute.flat_divide(sK, (self.qk_cols, D_QK))[None, None, wg, 0, None]
+        tSrK = tiled_mma_qk.make_fragment_B(thr_qk.partition_B(sK_qk))
+        sVt = v_transposed_view(sK, BLOCK_N, D_QK, self.kv_stages)
+        sVt_half = cute.flat_divide(sVt, (D_V // 2, BLOCK_N))[None, None, wg, 0, None]
+        thr_pv = tiled_mma_pv.get_slice(tidx)
+        tOrVt = tiled_mma_pv.make_fragment_B(thr_pv.partition_B(sVt_half))
+        tOrP = tiled_mma_pv.make_fragment_A(thr_pv.partition_A(sP))
+        tPsP = thr_qk.partition_C(cute.flat_divide(sP, (BLOCK_M, self.qk_cols))[None, None, 0, wg])
+
+        tile_row = (tidx // 32) * 16 + (tidx % 32) // 4
+        quad_leader = tidx % 4 == 0
+
+        acc_O = cute.make_rmem_tensor(thr_pv.partition_shape_C((BLOCK_M, D_V // 2)), Float32)
+        acc_O.fill(0.0)
+        row_max = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+        row_sum = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+        row_max.fill(-Float32.inf)
+        row_sum.fill(0.0)
+        acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, self.qk_cols)), Float32)
+        rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
+
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.kv_stages)
+        pipe_q.consumer_wait(q_state)
+        for n in cutlass.range(0, num_tiles, unroll=1):
+            stage = kv_state.index
+            pipe_kv.consumer_wait(kv_state)
+            self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, stage)
+            warpgroup.wait_group(0)
+            # This warpgroup's 32 slots: bits of producer warps 2*wg and 2*wg + 1.
+            valid = sValid[2 * wg, stage] | (sValid[2 * wg + 1, stage] << 16)
+            self.mask_invalid(acc_S, tidx, valid)
+            block_max = sm.block_row_max(acc_S)
+            if quad_leader:
+                sRowMax[tile_row, wg] = block_max[0]
+                sRowMax[tile_row + 8, wg] = block_max[1]
+            cute.arch.barrier(barrier_id=BARRIER_ROW_MAX, number_of_threads=256)
+            block_max[0] = cute.arch.fmax(block_max[0], sRowMax[tile_row, 1 - wg])
+            block_max[1] = cute.arch.fmax(block_max[1], sRowMax[tile_row + 8, 1 - wg])
+            rescale = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
+            rP.store(acc_S.load().to(self.dtype))
+            sm.rescale_rows(acc_O, rescale)
+            # sP is free once both warpgroups finished the previous PV.
+            cute.arch.barrier(barrier_id=BARRIER_P_FREE, number_of_threads=256)
+            cute.autovec_copy(rP, tPsP)
+            cute.arch.fence_view_async_shared()
+            cute.arch.barrier(barrier_id=BARRIER_P_READY, number_of_threads=256)
+            self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, stage)
+            warpgroup.wait_group(0)
+            pipe_kv.consumer_release(kv_state)
+            kv_state.advance()
+
+        row_total = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+        for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+            row_total[r] = sm.quad_allreduce_sum(row_sum[r])
+        if quad_leader:
+            sRowSum[tile_row, wg] = row_total[0]
+            sRowSum[tile_row + 8, wg] = row_total[1]
+        cute.arch.barrier(barrier_id=BARRIER_ROW_SUM, number_of_threads=256)
+        row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg]
+        row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg]
+        self.epilogue(acc_O, row_max, row_total, tidx, wg, tile_row, m_block, s_idx, batch, mSink, has_sink,
+                      mOut, mLse)
+
+    @cute.jit
+    def mask_invalid(self, acc_S, tidx, valid):
+        """Scores of invalid slots -> -inf (select: their K rows are zero, but never trust a masked score)."""
+        for i in cutlass.range_constexpr(cute.size(acc_S)):
+            _, col = sm.acc_row_col(tidx, i)
+            if (valid >> col) & 1 == 0:
+                acc_S[i] = -Float32.inf
+
+    @cute.jit
+    def issue_qk(self, acc_S, tSrQ, tSrK, tiled_mma_qk, stage):
+        mma_qk = cute.make_mma_atom(tiled_mma_qk.op)
+        mma_qk.set(warpgroup.Field.ACCUMULATE, False)
+        warpgroup.fence()
+        for kk in cutlass.range_constexpr(D_QK // 16):
+            cute.gemm(mma_qk, acc_S, tSrQ[None, None, kk], tSrK[None, None, kk, stage], acc_S)
+            mma_qk.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def issue_pv(self, acc_O, tOrP, tOrVt, tiled_mma_pv, stage):
+        mma_pv = cute.make_mma_atom(tiled_mma_pv.op)
+        mma_pv.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.fence()
+        for k in cutlass.range_constexpr(BLOCK_N // 16):
+            cute.gemm(mma_pv, acc_O, tOrP[None, None, k], tOrVt[None, None, k, stage], acc_O)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def epilogue(self, acc_O, row_max, row_total, tidx, wg, tile_row, m_block, s_idx, batch, mSink,
+                 has_sink: Int32, mOut, mLse):
+        """O / L times the sink factor -> bf16 out; lse = (m + log2 L) * ln 2, +inf for an empty row."""
+        h_q = mOut.shape[2]
+        inv = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+        lse2 = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+        for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+            head = m_block * BLOCK_M + tile_row + r * 8
+            total = row_total[r]
+            if total > 0.0:
+                lse2[r] = row_max[r] + cute.math.log2(total, fastmath=False)
+                factor = 1.0 / total
+                if has_sink != 0 and head < h_q:
+                    # exp(lse) / (exp(lse) + exp(sink)) = 1 / (1 + 2^(sink*log2e - lse2)); +-inf sinks work.
+                    sink2 = mSink[head] * Float32(LOG2E)
+                    factor = factor / (1.0 + cute.math.exp2(sink2 - lse2[r], fastmath=False))
+                inv[r] = factor
+            else:  # no valid slot (or NaN): out 0, lse +inf
+                inv[r] = Float32(0.0)
+                lse2[r] = -Float32.inf
+        sm.rescale_rows(acc_O, inv)
+
+        col_base = wg * (D_V // 2)
+        lane = tidx % 32
+        for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+            head = m_block * BLOCK_M + tile_row + r * 8
+            if head < h_q:
+                out_row = mOut[batch, s_idx, head, None]
+                for i in cutlass.range_constexpr(cute.size(acc_O)):
+                    if const_expr((i // 2) % 2 == r and i % 2 == 0):
+                        _, col = sm.acc_row_col(tidx, i)
+                        pair = cute.make_rmem_tensor(2, self.dtype)
+                        pair[0] = acc_O[i].to(self.dtype)
+                        pair[1] = acc_O[i + 1].to(self.dtype)
+                        cute.autovec_copy(pair, cute.local_tile(out_row, (2,), ((col_base + col) // 2,)))
+                if wg == 0 and lane % 4 == 0:
+                    lse_nat = Float32(Float32.inf)
+                    if lse2[r] != -Float32.inf:
+                        lse_nat = lse2[r] * LN2
+                    mLse[batch, s_idx, head] = lse_nat
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compile
+
+
+def _fake_args():
+    """Fake tensors with symbolic sizes: batch, s_q, h_q, topk and the cache size never recompile."""
+    from cutlass.cute.runtime import make_fake_tensor
+
+    def stride(div=1):
+        return cute.sym_int64(divisibility=div)
+
+    b, s_q, h_q = cute.sym_int32(symbol="b"), cute.sym_int32(symbol="s_q"), cute.sym_int32(symbol="h_q")
+    q = make_fake_tensor(cutlass.BFloat16, (b, s_q, h_q, D_QK), (stride(8), stride(8), stride(8), 1),
+                         assumed_align=16)
+    # FlashMLA requires stride(1) == 656 (bytes per token); blocks may be strided (16-byte multiples).
+    kv = make_fake_tensor(Uint8, (cute.sym_int32(symbol="num_blocks"), cute.sym_int32(symbol="page"), 1,
+                                  FP8_BYTES_PER_TOKEN),
+                          (stride(16), FP8_BYTES_PER_TOKEN, stride(16), 1), assumed_align=16)
+    indices = make_fake_tensor(Int32, (b, s_q, cute.sym_int32(symbol="topk")), (stride(), stride(), 1),
+                               assumed_align=4)
+    topk_length = make_fake_tensor(Int32, (cute.sym_int32(),), (1,), assumed_align=4)
+    sink = make_fake_tensor(Float32, (cute.sym_int32(),), (1,), assumed_align=4)
+    out = make_fake_tensor(cutlass.BFloat16, (b, s_q, h_q, D_V), (stride(2), stride(2), stride(2), 1),
+                           assumed_align=4)
+    lse = make_fake_tensor(Float32, (b, s_q, h_q), (stride(), stride(), 1), assumed_align=4)
+    return (q, kv, indices, topk_length, sink, out, lse, Float32(1.0), Int32(0), Int32(0))
+
+
+def compile_sparse_decode(tokens_in_flight: int = 4, l2_prefetch: bool = True, producer_regs: int = 72,
+                          options: str | None = None):
+    """Compile (uncached) one sparse FP8 decode variant. Use `get_sparse_decode_fn` to call it."""
+    from .jit import COMPILE_OPTIONS, fake_stream
+
+    kernel = MlaSparseDecodeFp8(tokens_in_flight, l2_prefetch, producer_regs)
+    return cute.compile(kernel, *_fake_args(), fake_stream(), options=options or COMPILE_OPTIONS)
+
+
+# (tokens in flight per producer warp, L2 prefetch of the next tile, producer registers). Compiled with
+# 0 spills: 4 tokens need ~72 producer registers (consumers then get 216; they need ~208); 8 tokens in
+# flight need more than the 88 that leave the consumers enough, so they spill either way.
+CONFIGS = {
+    "sparse_fp8": (4, True, 72),
+    "sparse_fp8_noprefetch": (4, False, 72),
+    "sparse_fp8_u2": (2, True, 56),
+}
+DEFAULT_CONFIG = "sparse_fp8"
+
+
+def get_sparse_decode_fn(config: str = DEFAULT_CONFIG):
+    from .jit import compile_cache
+
+    args = CONFIGS[config]
+    return compile_cache.get("mla_sparse_fp8", args, lambda: compile_sparse_decode(*args))
+
+
+def compile_configs():
+    """Every compiled variant, by name, for the CI compile checks (cutemla.kernels.ptx_report)."""
+    return {name: partial(lambda args, options: compile_sparse_decode(*args, options=options), args)
+            for name, args in CONFIGS.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side
+
+
+_dummies: dict = {}
+
+
+def _dummy(device, dtype):
+    """A one-element tensor for an absent optional input (never read: its flag is 0). Allocated once."""
+    key = (str(device), dtype)
+    t = _dummies.get(key)
+    if t is None:
+        t = _dummies[key] = torch.zeros(1, dtype=dtype, device=device)
+    return t
+
+
+def run_sparse_fp8_decode(q, k_cache, indices, softmax_scale, attn_sink=None, topk_length=None,
+                          config: str = DEFAULT_CONFIG):
+    """Sparse top-k decode over the FP8 cache on the current stream. Inputs must already be validated.
+
+    q [b, s_q, h_q, 576] bf16; k_cache [num_blocks, page, 1, 656] uint8/int8/float8_e4m3fn bytes with
+    stride(1) == 656; indices [b, s_q, topk] int32; attn_sink [h_q] fp32 or None; topk_length [b] int32 or
+    None. Returns (out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32: a transposed view of a [b, s_q, h_q]
+    buffer, as FlashMLA returns it). No host sync, no data-dependent allocation (CUDA-graph capturable).
+    """
+    from . import _tma_ready
+
+    b, s_q, h_q, _ = q.shape
+    device = q.device
+    out = torch.empty(b, s_q, h_q, D_V, dtype=torch.bfloat16, device=device)
+    lse = torch.empty(b, s_q, h_q, dtype=torch.float32, device=device)
+    if k_cache.dtype != torch.uint8:
+        k_cache = k_cache.view(torch.uint8)
+    if indices.stride(-1) != 1:
+        indices = indices.contiguous()
+    q = _tma_ready(q, "q", copy_ok=True)
+    fn = get_sparse_decode_fn(config)
+    has_topk_length = topk_length is not None
+    has_sink = attn_sink is not None
+    with torch.cuda.device(device):
+        fn(q, k_cache, indices,
+           topk_length if has_topk_length else _dummy(device, torch.int32),
+           attn_sink if has_sink else _dummy(device, torch.float32),
+           out, lse, float(softmax_scale) * LOG2E, int(has_topk_length), int(has_sink))
+    return out, lse.transpose(1, 2)

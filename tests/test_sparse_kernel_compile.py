@@ -1,0 +1,56 @@
+"""Every sparse FP8 decode config compiles for sm_90a on the CPU, as the Hopper design, with no spills.
+
+Each compile runs in a child process (ptxas reports to stderr there); see cutemla.kernels.ptx_report.
+"""
+import pytest
+
+from cutemla.kernels import ptx_report
+
+# Gather / dequant markers on top of ptx_report's own (added for these reports only).
+GATHER_MARKERS = {
+    "ld_global_v4": r"ld\.global(?:\.nc)?\.v4\.",  # 16-byte token loads
+    "st_shared_v4": r"st\.shared\.v4\.",  # 16-byte stores of dequantised bf16 into the swizzled K tile
+    "cvt_e4m3x2": r"cvt\.rn\.f16x2\.e4m3x2",  # fp8 pairs -> f16 pairs
+    "fence_proxy_async": r"fence\.proxy\.async",
+    "prefetch_l2": r"prefetch\.global\.L2",
+    "vote_ballot": r"vote\.sync\.ballot",
+}
+
+SPARSE_CONFIGS = ["sparse_fp8", "sparse_fp8_noprefetch", "sparse_fp8_u2"]
+
+
+@pytest.fixture(scope="module", params=SPARSE_CONFIGS)
+def sparse_report(request):
+    with pytest.MonkeyPatch.context() as mp:
+        for name, pattern in GATHER_MARKERS.items():
+            mp.setitem(ptx_report.PTX_MARKERS, name, pattern)
+        return request.param, ptx_report.run_report("cutemla.kernels.sparse_decode", request.param)
+
+
+def test_sparse_compiles_to_hopper_design(sparse_report):
+    config, report = sparse_report
+    ptx = report["ptx"]
+    assert report["kernels"] == 1
+    assert ptx["target_sm90a"] == 1
+    # QK^T: 36 k16 steps of m64n32 (this warpgroup's 32 keys over d = 576); PV: 4 steps of m64n256.
+    assert ptx["wgmma_m64n32k16"] == 36
+    assert ptx["wgmma_m64n256k16"] == 4
+    # Q is the only TMA load (9 boxes of 64 columns); the cache is gathered with vector loads.
+    assert ptx["tma_load"] == 9
+    assert ptx["setmaxnreg"] == 2
+    # Per producer warp and 64-slot tile: 16 tokens x (NoPE + scale + RoPE) loads, each a 16-byte vector for
+    # the NoPE and RoPE parts (the 4-byte scale is a scalar load); 16 x 8 e4m3x2 converts; 16 x 3 stores.
+    assert ptx["ld_global_v4"] == 32
+    assert ptx["st_shared_v4"] == 48
+    assert ptx["cvt_e4m3x2"] == 128
+    assert ptx["fence_proxy_async"] >= 1  # generic smem stores -> async proxy (WGMMA) before the arrive
+    assert ptx["vote_ballot"] == 1
+    assert ptx["prefetch_l2"] == (0 if config == "sparse_fp8_noprefetch" else 3)
+
+
+def test_sparse_has_no_spills_or_serialisation(sparse_report):
+    _, report = sparse_report
+    assert report["spill_bytes"] == 0
+    assert report["stack_bytes"] == 0
+    assert report["ptx"]["local_memory"] == 0
+    assert not set(report["ptxas_warnings"]) & {"C7508", "C7510", "C7519"}, report["ptxas_warnings"]
