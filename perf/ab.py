@@ -2,7 +2,7 @@
 
     python -m perf.ab --variants pipelined:2 split_s:2 split_s:0 --out ab.csv
 
-A variant is schedule:l2_prefetch_blocks. Inputs are drawn on the GPU once per case (fast even for
+A variant is schedule:l2_prefetch_blocks, or schedule:auto for the launcher's own choice. Inputs are drawn on the GPU once per case (fast even for
 long contexts) and every variant is timed on them, interleaved, as one whole call (decode + combine,
 metadata reused, like the FlashMLA baseline) replayed in a CUDA graph; `us` is the best mean of
 `trials` rounds of `replays` replays (cutemla.profile.time_cuda_graph).
@@ -41,7 +41,10 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5):
         nbytes = decode_bytes(b, s_q, h_q, 1, mean_sk)
         for variant in variants:
             schedule, prefetch = variant.split(":")
-            os.environ["CUTEMLA_L2_PREFETCH"] = prefetch  # read by run_dense_decode at call time
+            if prefetch == "auto":
+                os.environ.pop("CUTEMLA_L2_PREFETCH", None)
+            else:
+                os.environ["CUTEMLA_L2_PREFETCH"] = prefetch  # read by run_dense_decode per call
 
             def call():
                 return run_dense_decode(data.q, data.kcache, data.block_table, data.cache_seqlens,
@@ -59,7 +62,7 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", nargs="+", default=["pipelined:2", "split_s:2"])
+    parser.add_argument("--variants", nargs="+", default=["pipelined:auto", "split_s:auto"])
     parser.add_argument("--out", default=None)
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--trials", type=int, default=5)

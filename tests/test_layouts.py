@@ -50,3 +50,11 @@ def test_tma_ready_copies_misaligned_q_and_rejects_misaligned_cache():
     assert ready.is_contiguous() and torch.equal(ready, q)
     with pytest.raises(ValueError, match="k_cache"):
         _tma_ready(q, "k_cache", copy_ok=False)
+
+
+def test_tma_ready_copies_a_contiguous_q_with_a_misaligned_base():
+    flat = torch.randn(2 * 4 * 576 + 1, dtype=torch.bfloat16)
+    q = flat[1:].view(2, 4, 1, 576)  # contiguous, base 2 bytes past an aligned address
+    assert q.is_contiguous() and q.data_ptr() % 16
+    ready = _tma_ready(q, "q", copy_ok=True)
+    assert ready.data_ptr() % 16 == 0 and torch.equal(ready, q)

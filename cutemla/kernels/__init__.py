@@ -17,7 +17,10 @@ _TORCH_TO_DSL = {torch.bfloat16: "BFloat16", torch.float16: "Float16"}
 # The decode kernel's consumer schedule ("pipelined" or "split_s", see kernels/decode.py).
 # CUTEMLA_DECODE_SCHEDULE overrides it for experiments.
 DEFAULT_SCHEDULE = "pipelined"
-# Blocks ahead of its TMA loads that the producer warms L2 with (CUTEMLA_L2_PREFETCH overrides).
+# Blocks ahead of its TMA loads that the producer warms L2 with (CUTEMLA_L2_PREFETCH overrides),
+# used only when a KV head has more than one 64-row M tile (h_q * s_q / h_kv > 64): there the CTAs
+# of the other M tiles read the same pages, and the H100 A/B (perf/results/2026-11-25-h100-ab.csv)
+# showed 1227 vs 1447 us at 128x1x16k h128. With one M tile it only costs: 1058 vs 871 us at h16.
 DEFAULT_L2_PREFETCH = 2
 
 
@@ -55,7 +58,8 @@ def _tma_ready(t: torch.Tensor, name: str, copy_ok: bool) -> torch.Tensor:
         if not copy_ok:
             raise ValueError(f"{name} must have a 16-byte aligned base and 16-byte multiple strides "
                              f"for TMA; got strides {tuple(t.stride())}")
-        t = t.contiguous()
+        # A fresh allocation: .contiguous() would hand back a misaligned but contiguous q as is.
+        t = t.clone(memory_format=torch.contiguous_format)
     if any(n == 1 and s % elems for s, n in zip(t.stride()[:-1], t.shape[:-1])):
         t = t.as_strided(t.shape, [s if n > 1 or s % elems == 0 else elems
                                    for s, n in zip(t.stride(), t.shape)])
@@ -97,7 +101,7 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
     lse_accum = torch.empty(b + num_parts, h_kv, rows, dtype=torch.float32, device=device)
 
     schedule = schedule or os.environ.get("CUTEMLA_DECODE_SCHEDULE", DEFAULT_SCHEDULE)
-    prefetch = int(os.environ.get("CUTEMLA_L2_PREFETCH", DEFAULT_L2_PREFETCH))
+    prefetch = int(os.environ.get("CUTEMLA_L2_PREFETCH", DEFAULT_L2_PREFETCH if rows > 64 else 0))
     decode = get_decode_fn(_dsl_dtype(q.dtype), d, schedule, prefetch)
     q_rows = _tma_ready(fold_q(q, h_kv), "q", copy_ok=True)
     kcache = _tma_ready(kcache, "k_cache", copy_ok=False)

@@ -19,7 +19,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def warmup(dtypes=("bf16", "fp16"), head_dims=(576, 512), schedules=(DEFAULT_SCHEDULE,),
-           l2_prefetch=(DEFAULT_L2_PREFETCH,), verbose=False) -> dict:
+           l2_prefetch=(0, DEFAULT_L2_PREFETCH), verbose=False) -> dict:
     """Build every listed decode variant plus the combine and scheduler kernels; return timings."""
     from . import _dsl_dtype
     from .combine import compile_combine
@@ -54,7 +54,8 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=sorted(DTYPES))
     parser.add_argument("--head-dims", nargs="+", type=int, default=[576, 512])
     parser.add_argument("--schedules", nargs="+", default=[DEFAULT_SCHEDULE])
-    parser.add_argument("--l2-prefetch", nargs="+", type=int, default=[DEFAULT_L2_PREFETCH])
+    parser.add_argument("--l2-prefetch", nargs="+", type=int, default=[0, DEFAULT_L2_PREFETCH],
+                        help="both by default: the launcher picks by the number of M tiles")
     args = parser.parse_args(argv)
     warmup(args.dtypes, args.head_dims, args.schedules, args.l2_prefetch, verbose=True)
 
