@@ -107,11 +107,18 @@ def kernel_backend(clean_api_state, monkeypatch):
     monkeypatch.setenv("CUTEMLA_BACKEND", "kernel")
 
 
-def run_case(case: SparseCase):
+def run_case(case: SparseCase, num_splits=None):
+    """Through the API (splits chosen by shape), or the launcher directly with a forced split count."""
     q, packed, indices, ref_indices, sink, topk_length = make_inputs(case)
-    out, lse = flash_mla_with_kvcache(q, packed, None, None, 512, get_mla_metadata()[0], softmax_scale=SM_SCALE,
-                                      is_fp8_kvcache=True, indices=indices, attn_sink=sink,
-                                      topk_length=topk_length)
+    if num_splits is None:
+        out, lse = flash_mla_with_kvcache(q, packed, None, None, 512, get_mla_metadata()[0],
+                                          softmax_scale=SM_SCALE, is_fp8_kvcache=True, indices=indices,
+                                          attn_sink=sink, topk_length=topk_length)
+    else:
+        from cutemla.kernels.sparse_decode import run_sparse_fp8_decode
+
+        out, lse = run_sparse_fp8_decode(q, packed, indices, SM_SCALE, attn_sink=sink, topk_length=topk_length,
+                                         num_splits=num_splits)
     ref_out, ref_lse = sparse_mla_decode_reference(q, packed, ref_indices, SM_SCALE, attn_sink=sink,
                                                    topk_length=topk_length)
     torch.cuda.synchronize()
@@ -148,6 +155,21 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_sparse_decode_matches_reference(kernel_backend, case):
     run_case(case)
+
+
+# On 132 SMs the API picks 1 split for most CASES and 2-8 for the topk 576-2048 ones; force both paths on
+# the features that interact with splitting (sink after the combine, topk_length emptying whole splits).
+FORCED = [
+    (SparseCase(b=5, s_q=2, h_q=64, topk=256, topk_length=True, seed=1), 3),
+    (SparseCase(b=3, s_q=2, h_q=128, topk=200, topk_length=True, seed=2), 4),
+    (SparseCase(b=2, s_q=2, h_q=32, topk=1024, empty_row=True, seed=3), 5),
+    (SparseCase(b=2, s_q=1, h_q=64, topk=2048, seed=4), 1),
+]
+
+
+@pytest.mark.parametrize("case,num_splits", FORCED, ids=[f"{c}-splits{n}" for c, n in FORCED])
+def test_forced_splits(case, num_splits):
+    run_case(case, num_splits)
 
 
 def test_all_invalid_gives_zero_and_inf(kernel_backend):

@@ -96,11 +96,15 @@ class MlaSparseDecodeFp8:
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mKV: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
-                 mSink: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, scale_log2: Float32,
-                 has_topk_length: Int32, has_sink: Int32, stream):
+                 mSink: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
+                 mLseAccum: cute.Tensor, scale_log2: Float32, has_topk_length: Int32, has_sink: Int32,
+                 num_splits: Int32, stream):
         """Tensors in torch order: mQ [b, s_q, h_q, 576] bf16, mKV [num_blocks, page, 1, 656] uint8,
         mIndices [b, s_q, topk] int32, mTopkLength [>= b] int32 (read only if has_topk_length),
         mSink [>= h_q] fp32 (read only if has_sink), mOut [b, s_q, h_q, 512] bf16, mLse [b, s_q, h_q] fp32.
+        num_splits > 1 splits every row's tiles over that many CTAs, which write fp32 partials
+        mOAccum [b * num_splits, 1, s_q * h_q, 512] (O / L) and mLseAccum [b * num_splits, 1, s_q * h_q]
+        (base-2 lse) for the combine kernel instead of out / lse (the sink is then applied after it).
         """
         dt = self.dtype
         # Q as (h_q, d, s_q, b) for TMA; the cache as (656 bytes, page, num_blocks).
@@ -137,21 +141,25 @@ class MlaSparseDecodeFp8:
         b, s_q, h_q, _ = mQ.shape
         num_m_blocks = (h_q + BLOCK_M - 1) // BLOCK_M
         self.kernel(
-            tma_atom_Q, tma_Q, mKV_t, mIndices, mTopkLength, mSink, mOut, mLse, scale_log2,
-            has_topk_length, has_sink, tiled_mma_qk, tiled_mma_pv, sQ_layout, sK_layout, sP_layout,
-        ).launch(grid=(num_m_blocks, s_q, b), block=(NUM_THREADS, 1, 1),
+            tma_atom_Q, tma_Q, mKV_t, mIndices, mTopkLength, mSink, mOut, mLse, mOAccum, mLseAccum,
+            scale_log2, has_topk_length, has_sink, num_splits, tiled_mma_qk, tiled_mma_pv, sQ_layout,
+            sK_layout, sP_layout,
+        ).launch(grid=(num_m_blocks, s_q, b * num_splits), block=(NUM_THREADS, 1, 1),
                  smem=SharedStorage.size_in_bytes(), stream=stream)
 
     @cute.kernel
     def kernel(self, tma_atom_Q: cute.CopyAtom, mQ: cute.Tensor, mKV: cute.Tensor, mIndices: cute.Tensor,
                mTopkLength: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
-               scale_log2: Float32, has_topk_length: Int32, has_sink: Int32,
+               mOAccum: cute.Tensor, mLseAccum: cute.Tensor, scale_log2: Float32, has_topk_length: Int32,
+               has_sink: Int32, num_splits: Int32,
                tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
                sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
                sP_layout: cute.ComposedLayout):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         tidx, _, _ = cute.arch.thread_idx()
-        m_block, s_idx, batch = cute.arch.block_idx()
+        m_block, s_idx, split_idx = cute.arch.block_idx()  # split_idx = batch * num_splits + split
+        batch = split_idx // num_splits
+        split = split_idx - batch * num_splits
         if warp_idx == 0:
             cpasync.prefetch_descriptor(tma_atom_Q)
 
@@ -175,12 +183,15 @@ class MlaSparseDecodeFp8:
         sValid = storage.sValid.get_tensor(cute.make_layout((4, self.kv_stages)))
         pipeline.pipeline_init_wait(cluster_shape_mn=(1, 1))
 
-        # Slots [0, topk_eff) of this row are candidates; tiles past them are never touched.
+        # Slots [0, topk_eff) of this row are candidates; tiles past them are never touched. A split
+        # takes an equal share of the ceil(topk / 64) tiles (it may be empty after topk_length).
         topk = mIndices.shape[2]
         topk_eff = topk
         if has_topk_length != 0:
             topk_eff = cutlass.max(cutlass.min(mTopkLength[batch], topk), 0)
-        num_tiles = (topk_eff + BLOCK_N - 1) // BLOCK_N
+        tiles_per_split = ((topk + BLOCK_N - 1) // BLOCK_N + num_splits - 1) // num_splits
+        tile_begin = split * tiles_per_split
+        tile_end = cutlass.min(tile_begin + tiles_per_split, (topk_eff + BLOCK_N - 1) // BLOCK_N)
 
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(self.producer_regs)
@@ -191,12 +202,13 @@ class MlaSparseDecodeFp8:
                     tma_atom_Q, 0, cute.make_layout(1), cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2))
                 pipe_q.producer_acquire(q_state)
                 cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
-            self.producer(mKV, mIndices, sK, sValid, pipe_kv, batch, s_idx, num_tiles, topk_eff, warp_idx)
+            self.producer(mKV, mIndices, sK, sValid, pipe_kv, batch, s_idx, tile_begin, tile_end, topk_eff,
+                          warp_idx)
         else:
             cute.arch.setmaxregister_increase(self.consumer_regs)
             self.consumer(tidx - 128, sQ, sK, sP, sRowMax, sRowSum, sValid, pipe_q, pipe_kv,
-                          tiled_mma_qk, tiled_mma_pv, num_tiles, mSink, mOut, mLse, scale_log2, has_sink,
-                          m_block, s_idx, batch)
+                          tiled_mma_qk, tiled_mma_pv, tile_begin, tile_end, mSink, mOut, mLse, mOAccum,
+                          mLseAccum, scale_log2, has_sink, num_splits, m_block, s_idx, batch, split_idx)
 
     # ------------------------------------------------------------------------------------------------------
     # Producer: gather, dequantise, store
@@ -212,17 +224,20 @@ class MlaSparseDecodeFp8:
         return idx, ok
 
     @cute.jit
-    def producer(self, mKV, mIndices, sK, sValid, pipe_kv, batch, s_idx, num_tiles, topk_eff, warp):
+    def producer(self, mKV, mIndices, sK, sValid, pipe_kv, batch, s_idx, tile_begin, tile_end, topk_eff,
+                 warp):
         lane = cute.arch.lane_idx()
         page_size = mKV.shape[1]
         num_tokens = page_size * mKV.shape[2]
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.kv_stages)
-        idx, ok = self.slot_index(mIndices, batch, s_idx, 0, warp, lane, topk_eff, num_tokens)
-        for n in cutlass.range(0, num_tiles, unroll=1):
+        # Slots past this split's tiles are another CTA's: never read (nor prefetched) here.
+        limit = cutlass.min(topk_eff, tile_end * BLOCK_N)
+        idx, ok = self.slot_index(mIndices, batch, s_idx, tile_begin, warp, lane, limit, num_tokens)
+        for n in cutlass.range(tile_begin, tile_end, unroll=1):
             bits = cute.arch.vote_ballot_sync(ok) & Int32(0xFFFF)
             if const_expr(self.l2_prefetch):
                 # The next tile's indices now, its token rows into L2 while this tile is dequantised.
-                idx_next, ok_next = self.slot_index(mIndices, batch, s_idx, n + 1, warp, lane, topk_eff,
+                idx_next, ok_next = self.slot_index(mIndices, batch, s_idx, n + 1, warp, lane, limit,
                                                     num_tokens)
                 self.prefetch_tokens(mKV, idx_next, ok_next, page_size, lane)
             stage = kv_state.index
@@ -238,7 +253,7 @@ class MlaSparseDecodeFp8:
                 idx = idx_next
                 ok = ok_next
             else:
-                idx, ok = self.slot_index(mIndices, batch, s_idx, n + 1, warp, lane, topk_eff, num_tokens)
+                idx, ok = self.slot_index(mIndices, batch, s_idx, n + 1, warp, lane, limit, num_tokens)
 
     @cute.jit
     def prefetch_tokens(self, mKV, idx, ok, page_size, lane):
@@ -297,8 +312,8 @@ class MlaSparseDecodeFp8:
 
     @cute.jit
     def consumer(self, tidx_wg2, sQ, sK, sP, sRowMax, sRowSum, sValid, pipe_q, pipe_kv, tiled_mma_qk,
-                 tiled_mma_pv, num_tiles, mSink, mOut, mLse, scale_log2: Float32, has_sink: Int32,
-                 m_block, s_idx, batch):
+                 tiled_mma_pv, tile_begin, tile_end, mSink, mOut, mLse, mOAccum, mLseAccum,
+                 scale_log2: Float32, has_sink: Int32, num_splits: Int32, m_block, s_idx, batch, split_idx):
         wg = cute.arch.make_warp_uniform(tidx_wg2 // 128)
         tidx = tidx_wg2 % 128
 
@@ -328,7 +343,7 @@ class MlaSparseDecodeFp8:
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.kv_stages)
         pipe_q.consumer_wait(q_state)
-        for n in cutlass.range(0, num_tiles, unroll=1):
+        for n in cutlass.range(tile_begin, tile_end, unroll=1):
             stage = kv_state.index
             pipe_kv.consumer_wait(kv_state)
             self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, stage)
@@ -365,8 +380,8 @@ class MlaSparseDecodeFp8:
         cute.arch.barrier(barrier_id=BARRIER_ROW_SUM, number_of_threads=256)
         row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg]
         row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg]
-        self.epilogue(acc_O, row_max, row_total, tidx, wg, tile_row, m_block, s_idx, batch, mSink, has_sink,
-                      mOut, mLse)
+        self.epilogue(acc_O, row_max, row_total, tidx, wg, tile_row, m_block, s_idx, batch, split_idx, mSink,
+                      has_sink, num_splits, mOut, mLse, mOAccum, mLseAccum)
 
     @cute.jit
     def mask_invalid(self, acc_S, tidx, valid):
@@ -396,10 +411,12 @@ class MlaSparseDecodeFp8:
         warpgroup.commit_group()
 
     @cute.jit
-    def epilogue(self, acc_O, row_max, row_total, tidx, wg, tile_row, m_block, s_idx, batch, mSink,
-                 has_sink: Int32, mOut, mLse):
-        """O / L times the sink factor -> bf16 out; lse = (m + log2 L) * ln 2, +inf for an empty row."""
+    def epilogue(self, acc_O, row_max, row_total, tidx, wg, tile_row, m_block, s_idx, batch, split_idx, mSink,
+                 has_sink: Int32, num_splits: Int32, mOut, mLse, mOAccum, mLseAccum):
+        """O / L -> bf16 out (times the sink factor) and lse = (m + log2 L) * ln 2, +inf for an empty row;
+        or, when split, fp32 O / L and the base-2 lse (-inf for an empty split) for the combine."""
         h_q = mOut.shape[2]
+        is_split = num_splits > 1
         inv = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
         lse2 = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
         for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
@@ -408,12 +425,12 @@ class MlaSparseDecodeFp8:
             if total > 0.0:
                 lse2[r] = row_max[r] + cute.math.log2(total, fastmath=False)
                 factor = 1.0 / total
-                if has_sink != 0 and head < h_q:
+                if has_sink != 0 and head < h_q and not is_split:
                     # exp(lse) / (exp(lse) + exp(sink)) = 1 / (1 + 2^(sink*log2e - lse2)); +-inf sinks work.
                     sink2 = mSink[head] * Float32(LOG2E)
                     factor = factor / (1.0 + cute.math.exp2(sink2 - lse2[r], fastmath=False))
                 inv[r] = factor
-            else:  # no valid slot (or NaN): out 0, lse +inf
+            else:  # no valid slot (or NaN): out 0, lse +inf (a split: lse -inf, weight 0 in the combine)
                 inv[r] = Float32(0.0)
                 lse2[r] = -Float32.inf
         sm.rescale_rows(acc_O, inv)
@@ -423,19 +440,29 @@ class MlaSparseDecodeFp8:
         for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
             head = m_block * BLOCK_M + tile_row + r * 8
             if head < h_q:
-                out_row = mOut[batch, s_idx, head, None]
-                for i in cutlass.range_constexpr(cute.size(acc_O)):
-                    if const_expr((i // 2) % 2 == r and i % 2 == 0):
-                        _, col = sm.acc_row_col(tidx, i)
-                        pair = cute.make_rmem_tensor(2, self.dtype)
-                        pair[0] = acc_O[i].to(self.dtype)
-                        pair[1] = acc_O[i + 1].to(self.dtype)
-                        cute.autovec_copy(pair, cute.local_tile(out_row, (2,), ((col_base + col) // 2,)))
-                if wg == 0 and lane % 4 == 0:
-                    lse_nat = Float32(Float32.inf)
-                    if lse2[r] != -Float32.inf:
-                        lse_nat = lse2[r] * LN2
-                    mLse[batch, s_idx, head] = lse_nat
+                if is_split:
+                    row = s_idx * h_q + head  # the combine's row: query position * h_q + head
+                    self.store_row(acc_O, r, tidx, col_base, mOAccum[split_idx, 0, row, None], Float32)
+                    if wg == 0 and lane % 4 == 0:
+                        mLseAccum[split_idx, 0, row] = lse2[r]
+                else:
+                    self.store_row(acc_O, r, tidx, col_base, mOut[batch, s_idx, head, None], self.dtype)
+                    if wg == 0 and lane % 4 == 0:
+                        lse_nat = Float32(Float32.inf)
+                        if lse2[r] != -Float32.inf:
+                            lse_nat = lse2[r] * LN2
+                        mLse[batch, s_idx, head] = lse_nat
+
+    @cute.jit
+    def store_row(self, acc_O, r: cutlass.Constexpr[int], tidx, col_base, row_tensor, dtype: cutlass.Constexpr):
+        """This thread's values of accumulator row r, as column pairs (one 4- or 8-byte store each)."""
+        for i in cutlass.range_constexpr(cute.size(acc_O)):
+            if const_expr((i // 2) % 2 == r and i % 2 == 0):
+                _, col = sm.acc_row_col(tidx, i)
+                pair = cute.make_rmem_tensor(2, dtype)
+                pair[0] = acc_O[i].to(dtype)
+                pair[1] = acc_O[i + 1].to(dtype)
+                cute.autovec_copy(pair, cute.local_tile(row_tensor, (2,), ((col_base + col) // 2,)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -463,7 +490,11 @@ def _fake_args():
     out = make_fake_tensor(cutlass.BFloat16, (b, s_q, h_q, D_V), (stride(2), stride(2), stride(2), 1),
                            assumed_align=4)
     lse = make_fake_tensor(Float32, (b, s_q, h_q), (stride(), stride(), 1), assumed_align=4)
-    return (q, kv, indices, topk_length, sink, out, lse, Float32(1.0), Int32(0), Int32(0))
+    splits, rows = cute.sym_int32(symbol="splits"), cute.sym_int32(symbol="rows")
+    o_accum = make_fake_tensor(Float32, (splits, 1, rows, D_V), (stride(4), stride(4), D_V, 1), assumed_align=16)
+    lse_accum = make_fake_tensor(Float32, (splits, 1, rows), (stride(), stride(), 1), assumed_align=4)
+    return (q, kv, indices, topk_length, sink, out, lse, o_accum, lse_accum, Float32(1.0), Int32(0), Int32(0),
+            Int32(1))
 
 
 def compile_sparse_decode(tokens_in_flight: int = 4, l2_prefetch: bool = True, producer_regs: int = 72,
@@ -475,13 +506,13 @@ def compile_sparse_decode(tokens_in_flight: int = 4, l2_prefetch: bool = True, p
     return cute.compile(kernel, *_fake_args(), fake_stream(), options=options or COMPILE_OPTIONS)
 
 
-# (tokens in flight per producer warp, L2 prefetch of the next tile, producer registers). Compiled with
-# 0 spills: 4 tokens need ~72 producer registers (consumers then get 216; they need ~208); 8 tokens in
-# flight need more than the 88 that leave the consumers enough, so they spill either way.
+# (tokens in flight per producer warp, L2 prefetch of the next tile, producer registers). All compile with 0
+# spills: 4 tokens in flight need about 80 producer registers, which leaves the consumers 208 (enough); 8 tokens
+# in flight need more than the consumers can give up, so they spill either way.
 CONFIGS = {
-    "sparse_fp8": (4, True, 72),
-    "sparse_fp8_noprefetch": (4, False, 72),
-    "sparse_fp8_u2": (2, True, 56),
+    "sparse_fp8": (4, True, 88),
+    "sparse_fp8_noprefetch": (4, False, 88),
+    "sparse_fp8_u2": (2, True, 72),
 }
 DEFAULT_CONFIG = "sparse_fp8"
 
@@ -506,30 +537,79 @@ def compile_configs():
 _dummies: dict = {}
 
 
-def _dummy(device, dtype):
-    """A one-element tensor for an absent optional input (never read: its flag is 0). Allocated once."""
-    key = (str(device), dtype)
+def _dummy(device, dtype, shape=(1,)):
+    """A small tensor for an absent input (never read: its flag is 0, or num_splits == 1). Allocated once."""
+    key = (str(device), dtype, shape)
     t = _dummies.get(key)
     if t is None:
-        t = _dummies[key] = torch.zeros(1, dtype=dtype, device=device)
+        t = _dummies[key] = torch.zeros(shape, dtype=dtype, device=device)
+    return t
+
+
+MIN_TILES_PER_SPLIT = 4  # a split of fewer 64-slot tiles spends more on pipeline fill and partials
+MAX_GRID_Z = 65535
+
+
+def choose_num_splits(b: int, s_q: int, h_q: int, topk: int, num_sms: int) -> int:
+    """Splits per row: 1 when the (head tile, s_q, b) grid fills half the SMs, else enough splits of at least
+    MIN_TILES_PER_SPLIT tiles to fill them. Depends only on shapes (CUDA-graph safe)."""
+    ctas = b * s_q * -(-h_q // BLOCK_M)
+    if 2 * ctas >= num_sms:
+        return 1
+    splits = min(num_sms // ctas, -(-topk // BLOCK_N) // MIN_TILES_PER_SPLIT, MAX_GRID_Z // b)
+    return max(1, splits)
+
+
+_num_sms: dict = {}
+_split_prefixes: dict = {}
+
+
+def _device_num_sms(device) -> int:
+    key = str(device)
+    if key not in _num_sms:
+        _num_sms[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _num_sms[key]
+
+
+def _split_prefix(b: int, num_splits: int, device):
+    """num_splits [b + 1] for the combine: request i owns partial rows [i * n, (i + 1) * n). Cached."""
+    key = (b, num_splits, str(device))
+    t = _split_prefixes.get(key)
+    if t is None:
+        t = _split_prefixes[key] = torch.arange(0, (b + 1) * num_splits, num_splits, dtype=torch.int32,
+                                                device=device)
     return t
 
 
 def run_sparse_fp8_decode(q, k_cache, indices, softmax_scale, attn_sink=None, topk_length=None,
-                          config: str = DEFAULT_CONFIG):
+                          num_splits: int | None = None, config: str = DEFAULT_CONFIG):
     """Sparse top-k decode over the FP8 cache on the current stream. Inputs must already be validated.
 
     q [b, s_q, h_q, 576] bf16; k_cache [num_blocks, page, 1, 656] uint8/int8/float8_e4m3fn bytes with
     stride(1) == 656; indices [b, s_q, topk] int32; attn_sink [h_q] fp32 or None; topk_length [b] int32 or
-    None. Returns (out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32: a transposed view of a [b, s_q, h_q]
+    None. num_splits: CTAs per row (None: `choose_num_splits`); above 1 the rows' tiles are split and merged
+    by the combine kernel, then the sink factor is applied by torch (one more bf16 rounding of out).
+    Returns (out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32: a transposed view of a [b, s_q, h_q]
     buffer, as FlashMLA returns it). No host sync, no data-dependent allocation (CUDA-graph capturable).
     """
     from . import _tma_ready
+    from .combine import launch_combine
 
     b, s_q, h_q, _ = q.shape
+    topk = indices.shape[2]
     device = q.device
+    if num_splits is None:
+        num_splits = choose_num_splits(b, s_q, h_q, topk, _device_num_sms(device))
+    if not (1 <= num_splits and b * num_splits <= MAX_GRID_Z):
+        raise ValueError(f"num_splits must be >= 1 with b * num_splits <= {MAX_GRID_Z}, got {num_splits}")
     out = torch.empty(b, s_q, h_q, D_V, dtype=torch.bfloat16, device=device)
     lse = torch.empty(b, s_q, h_q, dtype=torch.float32, device=device)
+    if num_splits > 1:
+        o_accum = torch.empty(b * num_splits, 1, s_q * h_q, D_V, dtype=torch.float32, device=device)
+        lse_accum = torch.empty(b * num_splits, 1, s_q * h_q, dtype=torch.float32, device=device)
+    else:
+        o_accum = _dummy(device, torch.float32, (1, 1, 1, D_V))
+        lse_accum = _dummy(device, torch.float32, (1, 1, 1))
     if k_cache.dtype != torch.uint8:
         k_cache = k_cache.view(torch.uint8)
     if indices.stride(-1) != 1:
@@ -542,5 +622,13 @@ def run_sparse_fp8_decode(q, k_cache, indices, softmax_scale, attn_sink=None, to
         fn(q, k_cache, indices,
            topk_length if has_topk_length else _dummy(device, torch.int32),
            attn_sink if has_sink else _dummy(device, torch.float32),
-           out, lse, float(softmax_scale) * LOG2E, int(has_topk_length), int(has_sink))
+           out, lse, o_accum, lse_accum, float(softmax_scale) * LOG2E, int(has_topk_length), int(has_sink),
+           int(num_splits))
+        if num_splits > 1:
+            launch_combine(o_accum, lse_accum, _split_prefix(b, num_splits, device), out, lse.transpose(1, 2))
+            if has_sink:
+                # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink); NaN (inf - inf, an empty row with a
+                # +inf sink) -> 0, and empty rows are 0 anyway.
+                factor = torch.sigmoid(lse - attn_sink.view(1, 1, h_q)).nan_to_num_(0.0)
+                out.mul_(factor.unsqueeze(-1))
     return out, lse.transpose(1, 2)
