@@ -23,7 +23,7 @@ instead, and so does a call whose ``indices`` are on the CPU.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
