@@ -31,8 +31,6 @@ Warp roles (384 threads):
                of the K stage. The epilogue divides by the row sum, applies the sink factor and writes bf16
                out and the natural-log lse.
 """
-from __future__ import annotations
-
 import math
 from functools import partial
 
@@ -106,22 +104,34 @@ class MlaSparseDecodeFp8:
         mOAccum [b * num_splits, 1, s_q * h_q, 512] (O / L) and mLseAccum [b * num_splits, 1, s_q * h_q]
         (base-2 lse) for the combine kernel instead of out / lse (the sink is then applied after it).
         """
-        dt = self.dtype
         # Q as (h_q, d, s_q, b) for TMA; the cache as (656 bytes, page, num_blocks).
         mQ_t = cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[2, 3, 1, 0]))
         mKV_t = cute.make_tensor(mKV.iterator, cute.select(mKV.layout, mode=[3, 1, 0]))
-
-        sQ_layout = row_major_tile(dt, BLOCK_M, D_QK)
-        sK_layout = row_major_tile(dt, BLOCK_N, D_QK, self.kv_stages)
+        sQ_layout, sK_layout, sP_layout, tiled_mma_qk, tiled_mma_pv = self.build_smem_and_mmas()
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(), mQ_t, sQ_layout, (BLOCK_M, D_QK))
 
+        b, s_q, h_q, _ = mQ.shape
+        num_m_blocks = (h_q + BLOCK_M - 1) // BLOCK_M
+        self.kernel(
+            tma_atom_Q, tma_Q, mKV_t, mIndices, mTopkLength, mSink, mOut, mLse, mOAccum, mLseAccum,
+            scale_log2, has_topk_length, has_sink, num_splits, tiled_mma_qk, tiled_mma_pv, sQ_layout,
+            sK_layout, sP_layout,
+        ).launch(grid=(num_m_blocks, s_q, b * num_splits), block=(NUM_THREADS, 1, 1),
+                 smem=self.shared_storage.size_in_bytes(), stream=stream)
+
+    def build_smem_and_mmas(self):
+        """Shared-memory layouts (the dense kernel's swizzled tiles), the SharedStorage struct (set on
+        self) and the two tiled MMAs. Called while tracing __call__."""
+        dt = self.dtype
+        sQ_layout = row_major_tile(dt, BLOCK_M, D_QK)
+        sK_layout = row_major_tile(dt, BLOCK_N, D_QK, self.kv_stages)
+        sP_layout = row_major_tile(dt, BLOCK_M, BLOCK_N)
         K_MAJOR, MN_MAJOR = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
         tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
             dt, dt, K_MAJOR, K_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, self.qk_cols))
         tiled_mma_pv = sm90_utils.make_trivial_tiled_mma(
             dt, dt, K_MAJOR, MN_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, D_V // 2))
-        sP_layout = row_major_tile(dt, BLOCK_M, BLOCK_N)
 
         @cute.struct
         class SharedStorage:
@@ -131,21 +141,36 @@ class MlaSparseDecodeFp8:
             sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
             sP: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sP_layout)], 1024]
             sRowMax: cute.struct.MemRange[Float32, BLOCK_M * 2]
-            sRowSum: cute.struct.MemRange[Float32, BLOCK_M * 2]
+            sRowSum: cute.struct.MemRange[Float32, BLOCK_M * 4]  # x 2 buffers (request parity, dense FP8)
             # Validity bits of each stage's 64 slots: one 16-bit word per producer warp.
             sValid: cute.struct.MemRange[Int32, 4 * self.kv_stages]
 
         self.shared_storage = SharedStorage
         assert SharedStorage.size_in_bytes() <= SMEM_LIMIT, "shared memory over the sm90 limit"
+        return sQ_layout, sK_layout, sP_layout, tiled_mma_qk, tiled_mma_pv
 
-        b, s_q, h_q, _ = mQ.shape
-        num_m_blocks = (h_q + BLOCK_M - 1) // BLOCK_M
-        self.kernel(
-            tma_atom_Q, tma_Q, mKV_t, mIndices, mTopkLength, mSink, mOut, mLse, mOAccum, mLseAccum,
-            scale_log2, has_topk_length, has_sink, num_splits, tiled_mma_qk, tiled_mma_pv, sQ_layout,
-            sK_layout, sP_layout,
-        ).launch(grid=(num_m_blocks, s_q, b * num_splits), block=(NUM_THREADS, 1, 1),
-                 smem=SharedStorage.size_in_bytes(), stream=stream)
+    @cute.jit
+    def setup_shared(self, sQ_layout, sK_layout, sP_layout):
+        """Allocate shared memory and create the Q (TMA) and KV (producer-thread) pipelines."""
+        storage = SmemAllocator().allocate(self.shared_storage)
+        threads = partial(pipeline.CooperativeGroup, pipeline.Agent.Thread)
+        pipe_q = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_q.data_ptr(), num_stages=1,
+            producer_group=threads(1), consumer_group=threads(8),
+            tx_count=cute.size_in_bytes(self.dtype, sQ_layout), defer_sync=True)
+        # Every producer thread arrives on "full" after its own stores; every consumer thread on "empty".
+        pipe_kv = pipeline.PipelineAsync.create(
+            barrier_storage=storage.mbar_kv.data_ptr(), num_stages=self.kv_stages,
+            producer_group=threads(128), consumer_group=threads(256), defer_sync=True)
+        pipeline.pipeline_init_arrive(cluster_shape_mn=(1, 1), is_relaxed=True)
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        sRowMax = storage.sRowMax.get_tensor(cute.make_layout((BLOCK_M, 2)))
+        sRowSum = storage.sRowSum.get_tensor(cute.make_layout((BLOCK_M, 2, 2)))
+        sValid = storage.sValid.get_tensor(cute.make_layout((4, self.kv_stages)))
+        pipeline.pipeline_init_wait(cluster_shape_mn=(1, 1))
+        return pipe_q, pipe_kv, sQ, sK, sP, sRowMax, sRowSum, sValid
 
     @cute.kernel
     def kernel(self, tma_atom_Q: cute.CopyAtom, mQ: cute.Tensor, mKV: cute.Tensor, mIndices: cute.Tensor,
@@ -162,26 +187,7 @@ class MlaSparseDecodeFp8:
         split = split_idx - batch * num_splits
         if warp_idx == 0:
             cpasync.prefetch_descriptor(tma_atom_Q)
-
-        storage = SmemAllocator().allocate(self.shared_storage)
-        threads = partial(pipeline.CooperativeGroup, pipeline.Agent.Thread)
-        pipe_q = pipeline.PipelineTmaAsync.create(
-            barrier_storage=storage.mbar_q.data_ptr(), num_stages=1,
-            producer_group=threads(1), consumer_group=threads(8),
-            tx_count=cute.size_in_bytes(self.dtype, sQ_layout), defer_sync=True)
-        # Every producer thread arrives on "full" after its own stores; every consumer thread on "empty".
-        pipe_kv = pipeline.PipelineAsync.create(
-            barrier_storage=storage.mbar_kv.data_ptr(), num_stages=self.kv_stages,
-            producer_group=threads(128), consumer_group=threads(256), defer_sync=True)
-        pipeline.pipeline_init_arrive(cluster_shape_mn=(1, 1), is_relaxed=True)
-
-        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
-        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
-        sRowMax = storage.sRowMax.get_tensor(cute.make_layout((BLOCK_M, 2)))
-        sRowSum = storage.sRowSum.get_tensor(cute.make_layout((BLOCK_M, 2)))
-        sValid = storage.sValid.get_tensor(cute.make_layout((4, self.kv_stages)))
-        pipeline.pipeline_init_wait(cluster_shape_mn=(1, 1))
+        pipe_q, pipe_kv, sQ, sK, sP, sRowMax, sRowSum, sValid = self.setup_shared(sQ_layout, sK_layout, sP_layout)
 
         # Slots [0, topk_eff) of this row are candidates; tiles past them are never touched. A split
         # takes an equal share of the ceil(topk / 64) tiles (it may be empty after topk_length).
@@ -316,18 +322,8 @@ class MlaSparseDecodeFp8:
                  scale_log2: Float32, has_sink: Int32, num_splits: Int32, m_block, s_idx, batch, split_idx):
         wg = cute.arch.make_warp_uniform(tidx_wg2 // 128)
         tidx = tidx_wg2 % 128
-
-        thr_qk = tiled_mma_qk.get_slice(tidx)
-        tSrQ = tiled_mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
-        sK_qk = cute.flat_divide(sK, (self.qk_cols, D_QK))[None, None, wg, 0, None]
-        tSrK = tiled_mma_qk.make_fragment_B(thr_qk.partition_B(sK_qk))
-        sVt = v_transposed_view(sK, BLOCK_N, D_QK, self.kv_stages)
-        sVt_half = cute.flat_divide(sVt, (D_V // 2, BLOCK_N))[None, None, wg, 0, None]
-        thr_pv = tiled_mma_pv.get_slice(tidx)
-        tOrVt = tiled_mma_pv.make_fragment_B(thr_pv.partition_B(sVt_half))
-        tOrP = tiled_mma_pv.make_fragment_A(thr_pv.partition_A(sP))
-        tPsP = thr_qk.partition_C(cute.flat_divide(sP, (BLOCK_M, self.qk_cols))[None, None, 0, wg])
-
+        thr_qk, thr_pv, tSrQ, tSrK, tOrVt, tOrP, tPsP = self.consumer_fragments(
+            tidx, wg, sQ, sK, sP, tiled_mma_qk, tiled_mma_pv)
         tile_row = (tidx // 32) * 16 + (tidx % 32) // 4
         quad_leader = tidx % 4 == 0
 
@@ -351,37 +347,66 @@ class MlaSparseDecodeFp8:
             # This warpgroup's 32 slots: bits of producer warps 2*wg and 2*wg + 1.
             valid = sValid[2 * wg, stage] | (sValid[2 * wg + 1, stage] << 16)
             self.mask_invalid(acc_S, tidx, valid)
-            block_max = sm.block_row_max(acc_S)
-            if quad_leader:
-                sRowMax[tile_row, wg] = block_max[0]
-                sRowMax[tile_row + 8, wg] = block_max[1]
-            cute.arch.barrier(barrier_id=BARRIER_ROW_MAX, number_of_threads=256)
-            block_max[0] = cute.arch.fmax(block_max[0], sRowMax[tile_row, 1 - wg])
-            block_max[1] = cute.arch.fmax(block_max[1], sRowMax[tile_row + 8, 1 - wg])
-            rescale = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
-            rP.store(acc_S.load().to(self.dtype))
-            sm.rescale_rows(acc_O, rescale)
-            # sP is free once both warpgroups finished the previous PV.
-            cute.arch.barrier(barrier_id=BARRIER_P_FREE, number_of_threads=256)
-            cute.autovec_copy(rP, tPsP)
-            cute.arch.fence_view_async_shared()
-            cute.arch.barrier(barrier_id=BARRIER_P_READY, number_of_threads=256)
-            self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, stage)
-            warpgroup.wait_group(0)
+            self.softmax_pv(acc_S, acc_O, rP, row_max, row_sum, tPsP, tOrP, tOrVt, tiled_mma_pv, sRowMax,
+                            tile_row, wg, quad_leader, stage, scale_log2)
             pipe_kv.consumer_release(kv_state)
             kv_state.advance()
 
+        row_total = self.row_totals(row_sum, sRowSum, tile_row, wg, quad_leader, 0)
+        self.epilogue(acc_O, row_max, row_total, tidx, wg, tile_row, m_block, s_idx, batch, split_idx, mSink,
+                      has_sink, num_splits, mOut, mLse, mOAccum, mLseAccum)
+
+    @cute.jit
+    def consumer_fragments(self, tidx, wg, sQ, sK, sP, tiled_mma_qk, tiled_mma_pv):
+        """WGMMA views: S = Q K^T over this warpgroup's 32 keys of a stage; O half += P V over all 64."""
+        thr_qk = tiled_mma_qk.get_slice(tidx)
+        tSrQ = tiled_mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
+        sK_qk = cute.flat_divide(sK, (self.qk_cols, D_QK))[None, None, wg, 0, None]
+        tSrK = tiled_mma_qk.make_fragment_B(thr_qk.partition_B(sK_qk))
+        sVt = v_transposed_view(sK, BLOCK_N, D_QK, self.kv_stages)
+        sVt_half = cute.flat_divide(sVt, (D_V // 2, BLOCK_N))[None, None, wg, 0, None]
+        thr_pv = tiled_mma_pv.get_slice(tidx)
+        tOrVt = tiled_mma_pv.make_fragment_B(thr_pv.partition_B(sVt_half))
+        tOrP = tiled_mma_pv.make_fragment_A(thr_pv.partition_A(sP))
+        tPsP = thr_qk.partition_C(cute.flat_divide(sP, (BLOCK_M, self.qk_cols))[None, None, 0, wg])
+        return thr_qk, thr_pv, tSrQ, tSrK, tOrVt, tOrP, tPsP
+
+    @cute.jit
+    def softmax_pv(self, acc_S, acc_O, rP, row_max, row_sum, tPsP, tOrP, tOrVt, tiled_mma_pv, sRowMax,
+                   tile_row, wg, quad_leader, stage, scale_log2: Float32):
+        """Masked scores of one tile -> row maxima over both warpgroups, online softmax, P through shared
+        memory, O += P V (waited: the stage may be released afterwards)."""
+        block_max = sm.block_row_max(acc_S)
+        if quad_leader:
+            sRowMax[tile_row, wg] = block_max[0]
+            sRowMax[tile_row + 8, wg] = block_max[1]
+        cute.arch.barrier(barrier_id=BARRIER_ROW_MAX, number_of_threads=256)
+        block_max[0] = cute.arch.fmax(block_max[0], sRowMax[tile_row, 1 - wg])
+        block_max[1] = cute.arch.fmax(block_max[1], sRowMax[tile_row + 8, 1 - wg])
+        rescale = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
+        rP.store(acc_S.load().to(self.dtype))
+        sm.rescale_rows(acc_O, rescale)
+        # sP is free once both warpgroups finished the previous PV.
+        cute.arch.barrier(barrier_id=BARRIER_P_FREE, number_of_threads=256)
+        cute.autovec_copy(rP, tPsP)
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=BARRIER_P_READY, number_of_threads=256)
+        self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, stage)
+        warpgroup.wait_group(0)
+
+    @cute.jit
+    def row_totals(self, row_sum, sRowSum, tile_row, wg, quad_leader, buf):
+        """Full row sums: quad-reduced, plus the other warpgroup's (through sRowSum[:, :, buf])."""
         row_total = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
         for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
             row_total[r] = sm.quad_allreduce_sum(row_sum[r])
         if quad_leader:
-            sRowSum[tile_row, wg] = row_total[0]
-            sRowSum[tile_row + 8, wg] = row_total[1]
+            sRowSum[tile_row, wg, buf] = row_total[0]
+            sRowSum[tile_row + 8, wg, buf] = row_total[1]
         cute.arch.barrier(barrier_id=BARRIER_ROW_SUM, number_of_threads=256)
-        row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg]
-        row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg]
-        self.epilogue(acc_O, row_max, row_total, tidx, wg, tile_row, m_block, s_idx, batch, split_idx, mSink,
-                      has_sink, num_splits, mOut, mLse, mOAccum, mLseAccum)
+        row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
+        row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
+        return row_total
 
     @cute.jit
     def mask_invalid(self, acc_S, tidx, valid):
