@@ -304,21 +304,27 @@ def flash_mla_with_kvcache(
         causal: bottom-right aligned causal mask over the s_q queries; ignored when ``s_q == 1``.
         is_fp8_kvcache, indices, attn_sink, topk_length: FlashMLA's sparse (top-k) decode over the FP8 cache,
             used when ``is_fp8_kvcache=True`` and ``indices`` is given (``k_cache`` then holds 656-byte FP8
-            tokens; see :mod:`cutemla.sparse_interface`). Other combinations (dense FP8, sparse over a bf16
-            cache) and ``extra_k_cache`` / ``extra_indices_in_kvcache`` / ``extra_topk_length`` raise
-            NotImplementedError.
+            tokens; see :mod:`cutemla.sparse_interface`). ``is_fp8_kvcache=True`` without ``indices`` is dense
+            decode over that cache (bf16 q; a cutemla extension). Sparse decode over a bf16 cache and
+            ``extra_k_cache`` / ``extra_indices_in_kvcache`` / ``extra_topk_length`` raise NotImplementedError.
 
     Returns:
         ``(out, lse)``: ``out [b, s_q, h_q, 512]`` in q's dtype and ``lse [b, h_q, s_q]`` float32 (natural log).
         A row with no key to attend gets ``out = 0`` and ``lse = +inf``.
     """
-    if is_fp8_kvcache is True and indices is not None:
-        # Sparse (top-k) decode over the FP8 cache: cutemla/sparse_interface.py.
-        from cutemla.sparse_interface import flash_mla_sparse_fp8
+    if is_fp8_kvcache is True:
+        # Decode over the 656-byte FP8 cache, sparse (indices) or dense: cutemla/sparse_interface.py.
+        from cutemla import sparse_interface
 
-        return flash_mla_sparse_fp8(q, k_cache, indices, head_dim_v, tile_scheduler_metadata, num_splits,
-                                    softmax_scale, check_causal(causal), attn_sink, topk_length, extra_k_cache,
-                                    extra_indices_in_kvcache, extra_topk_length)
+        if indices is not None:
+            return sparse_interface.flash_mla_sparse_fp8(
+                q, k_cache, indices, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale,
+                check_causal(causal), attn_sink, topk_length, extra_k_cache, extra_indices_in_kvcache,
+                extra_topk_length)
+        return sparse_interface.flash_mla_dense_fp8(
+            q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+            softmax_scale, check_causal(causal), attn_sink, topk_length, extra_k_cache, extra_indices_in_kvcache,
+            extra_topk_length)
     check_dense_only(is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
                      topk_length, extra_topk_length)
     shape = validate_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v)

@@ -51,25 +51,8 @@ def validate_sparse_inputs(q, k_cache, indices, head_dim_v, causal, attn_sink, t
             f"{', '.join(given)}: FlashMLA's MODEL1 extra cache is not supported; cutemla implements the "
             "DeepSeek-V3.2 sparse decode (one FP8 cache, indices, topk_length, attn_sink)")
     _tensor("q", q)
-    if q.dtype != torch.bfloat16:
-        raise TypeError(f"q must be torch.bfloat16 for sparse FP8 decode, got {q.dtype}")
-    if q.dim() != 4 or q.shape[-1] != FP8_HEAD_DIM or min(q.shape[:3]) <= 0:
-        raise ValueError(f"q must be [b, s_q, h_q, {FP8_HEAD_DIM}] with b, s_q, h_q > 0 for sparse FP8 decode, "
-                         f"got shape {tuple(q.shape)}")
-    if q.stride(-1) != 1:
-        raise ValueError("q's last dimension must be contiguous")
-    b, s_q, h_q, _ = q.shape
     _tensor("k_cache", k_cache)
-    if k_cache.dtype not in _PACKED_DTYPES:
-        raise TypeError(f"k_cache must hold FP8 cache bytes (uint8, int8 or float8_e4m3fn) when is_fp8_kvcache=True, "
-                        f"got {k_cache.dtype}")
-    if (k_cache.dim() != 4 or k_cache.shape[2] != 1 or k_cache.shape[3] != FP8_BYTES_PER_TOKEN
-            or k_cache.shape[0] <= 0 or k_cache.shape[1] <= 0):
-        raise ValueError(f"k_cache must be [num_blocks, page_block_size, 1, {FP8_BYTES_PER_TOKEN}] (656 bytes per "
-                         f"token, h_kv = 1), got shape {tuple(k_cache.shape)}")
-    if k_cache.stride(-1) != 1 or (k_cache.shape[1] > 1 and k_cache.stride(1) != FP8_BYTES_PER_TOKEN):
-        raise ValueError(f"k_cache must have stride(1) == {FP8_BYTES_PER_TOKEN} and stride(3) == 1, got strides "
-                         f"{tuple(k_cache.stride())}")
+    b, s_q, h_q, _ = _check_q_and_cache(q, k_cache)
     _tensor("indices", indices)
     if indices.dtype != torch.int32:
         raise TypeError(f"indices must be torch.int32, got {indices.dtype}")
@@ -174,3 +157,118 @@ def flash_mla_sparse_fp8(q, k_cache, indices, head_dim_v, tile_scheduler_metadat
 
     return sparse_mla_decode_reference(q, k_cache, indices, softmax_scale=softmax_scale, attn_sink=attn_sink,
                                        topk_length=topk_length)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dense decode over the FP8 cache (is_fp8_kvcache=True without indices; a cutemla extension)
+
+
+def validate_dense_fp8_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, attn_sink, topk_length,
+                              extra_k_cache=None, extra_indices_in_kvcache=None, extra_topk_length=None):
+    """Structural checks of a dense FP8 call; returns ``(b, s_q, h_q, page_block_size)``."""
+    given = [name for name, value in (("attn_sink", attn_sink), ("topk_length", topk_length),
+                                      ("extra_k_cache", extra_k_cache),
+                                      ("extra_indices_in_kvcache", extra_indices_in_kvcache),
+                                      ("extra_topk_length", extra_topk_length)) if value is not None]
+    if given:
+        raise NotImplementedError(f"{', '.join(given)}: only with sparse decode (pass indices); dense decode over "
+                                  "the FP8 cache takes q, k_cache, block_table and cache_seqlens")
+    _tensor("k_cache", k_cache)
+    if k_cache.dtype in (torch.bfloat16, torch.float16):
+        raise NotImplementedError(
+            f"is_fp8_kvcache=True expects k_cache in FlashMLA's 656-byte FP8 format (uint8 [num_blocks, page, 1, 656], "
+            f"see cutemla.layouts.fp8_cache.quantize_fp8_cache); a {k_cache.dtype} cache is not quantised on the "
+            "fly: pass is_fp8_kvcache=False for it")
+    b, s_q, h_q, _ = _check_q_and_cache(q, k_cache)
+    _tensor("block_table", block_table)
+    _tensor("cache_seqlens", cache_seqlens)
+    if block_table.dtype != torch.int32 or cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"block_table and cache_seqlens must be torch.int32, got {block_table.dtype} and "
+                        f"{cache_seqlens.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != b or block_table.stride(-1) != 1:
+        raise ValueError(f"block_table must be [b={b}, max_blocks] with a contiguous last dim, got shape "
+                         f"{tuple(block_table.shape)}")
+    if cache_seqlens.shape != (b,) or not cache_seqlens.is_contiguous():
+        raise ValueError(f"cache_seqlens must be a contiguous [b={b}] tensor, got shape {tuple(cache_seqlens.shape)}")
+    if head_dim_v != 512:
+        raise ValueError(f"head_dim_v must be 512, got {head_dim_v}")
+    devices = {t.device for t in (q, k_cache, block_table, cache_seqlens)}
+    if len(devices) != 1:
+        raise ValueError(f"q, k_cache, block_table and cache_seqlens must be on one device, got "
+                         f"{sorted(map(str, devices))}")
+    return b, s_q, h_q, k_cache.shape[1]
+
+
+def _check_q_and_cache(q, k_cache):
+    """The q / k_cache checks shared by both FP8 paths; returns q's shape."""
+    _tensor("q", q)
+    if q.dtype != torch.bfloat16:
+        raise TypeError(f"q must be torch.bfloat16 with the FP8 cache, got {q.dtype}")
+    if q.dim() != 4 or q.shape[-1] != FP8_HEAD_DIM or min(q.shape[:3]) <= 0:
+        raise ValueError(f"q must be [b, s_q, h_q, {FP8_HEAD_DIM}] with b, s_q, h_q > 0 with the FP8 cache, "
+                         f"got shape {tuple(q.shape)}")
+    if q.stride(-1) != 1:
+        raise ValueError("q's last dimension must be contiguous")
+    if k_cache.dtype not in _PACKED_DTYPES:
+        raise TypeError(f"k_cache must hold FP8 cache bytes (uint8, int8 or float8_e4m3fn) when is_fp8_kvcache=True, "
+                        f"got {k_cache.dtype}")
+    if (k_cache.dim() != 4 or k_cache.shape[2] != 1 or k_cache.shape[3] != FP8_BYTES_PER_TOKEN
+            or k_cache.shape[0] <= 0 or k_cache.shape[1] <= 0):
+        raise ValueError(f"k_cache must be [num_blocks, page_block_size, 1, {FP8_BYTES_PER_TOKEN}] (656 bytes per "
+                         f"token, h_kv = 1), got shape {tuple(k_cache.shape)}")
+    if k_cache.stride(-1) != 1 or (k_cache.shape[1] > 1 and k_cache.stride(1) != FP8_BYTES_PER_TOKEN):
+        raise ValueError(f"k_cache must have stride(1) == {FP8_BYTES_PER_TOKEN} and stride(3) == 1, got strides "
+                         f"{tuple(k_cache.stride())}")
+    return q.shape
+
+
+def flash_mla_dense_fp8(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+                        softmax_scale, causal, attn_sink=None, topk_length=None, extra_k_cache=None,
+                        extra_indices_in_kvcache=None, extra_topk_length=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The dense FP8 branch of ``flash_mla_with_kvcache`` (``is_fp8_kvcache=True``, no ``indices``): dense paged
+    decode with bf16 q over the 656-byte cache; same split-KV metadata as the bf16 path (config records
+    ``is_fp8_kvcache=True``). Returns ``(out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32)``."""
+    from cutemla.interface import KERNEL, FlashMLASchedMeta, _check_config, _schedule, _select_backend
+    from cutemla.validation import debug_checks, validate_sched_tensors
+
+    b, s_q, h_q, page = validate_dense_fp8_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, attn_sink,
+                                                  topk_length, extra_k_cache, extra_indices_in_kvcache,
+                                                  extra_topk_length)
+    softmax_scale = check_softmax_scale(softmax_scale, FP8_HEAD_DIM)
+    causal = bool(causal) and s_q > 1
+    backend = _select_backend(q.device)
+    use_kernel = backend == KERNEL and q.device.type == "cuda"
+    if use_kernel and page != 64:
+        raise ValueError(f"k_cache.shape[1] (page_block_size) must be 64 for the CuTe DSL kernel, got {page} (the "
+                         "PyTorch reference path, CUTEMLA_BACKEND=reference, accepts any page size)")
+    if debug_enabled():
+        debug_checks(q, k_cache, block_table, cache_seqlens)
+    if isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
+        if num_splits is not None:
+            raise ValueError("num_splits must be None when tile_scheduler_metadata is a FlashMLASchedMeta")
+        current = (b, s_q, h_q, page, 1, causal, True, None, None, None)
+        sched = tile_scheduler_metadata
+        if sched.have_initialized:
+            _check_config(sched, current)
+            meta, num_splits = sched.tile_scheduler_metadata, sched.num_splits
+        else:
+            meta, num_splits = _schedule(cache_seqlens, s_q, h_q, 1, backend)
+            sched.config = FlashMLASchedMeta.Config(*current)
+            sched.tile_scheduler_metadata, sched.num_splits = meta, num_splits
+            sched.have_initialized = True
+    elif isinstance(tile_scheduler_metadata, torch.Tensor):
+        if num_splits is None:
+            raise ValueError("num_splits is required with a tile_scheduler_metadata tensor")
+        validate_sched_tensors(tile_scheduler_metadata, num_splits, b, q.device)
+        meta = tile_scheduler_metadata
+    else:
+        raise TypeError("tile_scheduler_metadata must be a FlashMLASchedMeta (from get_mla_metadata()) or an int32 "
+                        f"[num_sm_parts, 8] tensor, got {type(tile_scheduler_metadata).__name__}")
+    if use_kernel:
+        from cutemla.kernels.dense_fp8_decode import run_dense_fp8_decode
+
+        return run_dense_fp8_decode(q, _kernel_ready_cache(k_cache), block_table, cache_seqlens, meta, num_splits,
+                                    softmax_scale, causal)
+    from cutemla.reference_sparse import dense_fp8_mla_decode_reference
+
+    return dense_fp8_mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)

@@ -7,7 +7,7 @@ import torch
 
 from cutemla import flash_mla_with_kvcache, get_mla_metadata
 from cutemla.layouts.fp8_cache import quantize_fp8_cache
-from cutemla.reference_sparse import sparse_mla_decode_reference
+from cutemla.reference_sparse import dense_fp8_mla_decode_reference, sparse_mla_decode_reference
 from cutemla.sparse_interface import check_indices_in_range
 
 D_QK = 576
@@ -86,10 +86,36 @@ def test_sparse_bad_inputs(reference_backend, make, exc, needle):
                                get_mla_metadata()[0], is_fp8_kvcache=True, **args)
 
 
-def test_dense_fp8_and_bf16_sparse_still_not_implemented(reference_backend):
+def test_bf16_cache_with_fp8_flag_and_bf16_sparse_not_implemented(reference_backend):
     q, packed, indices = _inputs()
+    bf16_cache = torch.zeros(5, 64, 1, D_QK, dtype=torch.bfloat16)
+    lengths = torch.tensor([10, 20], dtype=torch.int32)
+    table = torch.zeros(2, 1, dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="is_fp8_kvcache"):
-        flash_mla_with_kvcache(q, packed, None, None, 512, get_mla_metadata()[0], is_fp8_kvcache=True)
+        flash_mla_with_kvcache(q, bf16_cache, table, lengths, 512, get_mla_metadata()[0], is_fp8_kvcache=True)
+    with pytest.raises(NotImplementedError, match="indices"):
+        flash_mla_with_kvcache(q, bf16_cache, table, lengths, 512, get_mla_metadata()[0], indices=indices)
+    with pytest.raises(NotImplementedError, match="attn_sink"):
+        flash_mla_with_kvcache(q, packed, table, lengths, 512, get_mla_metadata()[0], is_fp8_kvcache=True,
+                               attn_sink=torch.zeros(16))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_fp8_call_matches_reference(reference_backend, causal):
+    q, packed, _ = _inputs(b=3, s_q=2, h_q=8)
+    lengths = torch.tensor([100, 0, 37], dtype=torch.int32)
+    table = torch.tensor([[4, 1], [0, 0], [2, 3]], dtype=torch.int32)
+    sched_meta, _ = get_mla_metadata()
+    out, lse = flash_mla_with_kvcache(q, packed, table, lengths, 512, sched_meta, causal=causal, is_fp8_kvcache=True)
+    ref_out, ref_lse = dense_fp8_mla_decode_reference(q, packed, table, lengths, causal=causal)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert sched_meta.have_initialized and sched_meta.config.is_fp8_kvcache
+    assert sched_meta.tile_scheduler_metadata is not None
+    # Reuse with the same shapes; a dense bf16 call with this sched_meta is inconsistent.
+    flash_mla_with_kvcache(q, packed, table, lengths, 512, sched_meta, causal=causal, is_fp8_kvcache=True)
+    with pytest.raises(ValueError, match="is_fp8_kvcache"):
+        flash_mla_with_kvcache(q, torch.zeros(5, 64, 1, D_QK, dtype=torch.bfloat16), table, lengths, 512, sched_meta,
+                               causal=causal)
 
 
 def test_check_indices_in_range():

@@ -1,4 +1,4 @@
-"""Every sparse FP8 decode config compiles for sm_90a on the CPU, as the Hopper design, with no spills.
+"""Every sparse / dense FP8 decode config compiles for sm_90a on the CPU, as the Hopper design, with no spills.
 
 Each compile runs in a child process (ptxas reports to stderr there); see cutemla.kernels.ptx_report.
 """
@@ -16,15 +16,18 @@ GATHER_MARKERS = {
     "vote_ballot": r"vote\.sync\.ballot",
 }
 
-SPARSE_CONFIGS = ["sparse_fp8", "sparse_fp8_noprefetch", "sparse_fp8_u2"]
+# (module, config): the sparse kernel and the dense-FP8 kernel built from the same pieces.
+CONFIGS = [("sparse_decode", c) for c in ("sparse_fp8", "sparse_fp8_noprefetch", "sparse_fp8_u2")] + \
+          [("dense_fp8_decode", c) for c in ("dense_fp8", "dense_fp8_noprefetch")]
 
 
-@pytest.fixture(scope="module", params=SPARSE_CONFIGS)
+@pytest.fixture(scope="module", params=CONFIGS, ids=[c for _, c in CONFIGS])
 def sparse_report(request):
+    module, config = request.param
     with pytest.MonkeyPatch.context() as mp:
         for name, pattern in GATHER_MARKERS.items():
             mp.setitem(ptx_report.PTX_MARKERS, name, pattern)
-        return request.param, ptx_report.run_report("cutemla.kernels.sparse_decode", request.param)
+        return config, ptx_report.run_report(f"cutemla.kernels.{module}", config)
 
 
 def test_sparse_compiles_to_hopper_design(sparse_report):
@@ -45,7 +48,7 @@ def test_sparse_compiles_to_hopper_design(sparse_report):
     assert ptx["cvt_e4m3x2"] == 128
     assert ptx["fence_proxy_async"] >= 1  # generic smem stores -> async proxy (WGMMA) before the arrive
     assert ptx["vote_ballot"] == 1
-    assert ptx["prefetch_l2"] == (0 if config == "sparse_fp8_noprefetch" else 3)
+    assert ptx["prefetch_l2"] == (0 if config.endswith("noprefetch") else 3)
 
 
 def test_sparse_has_no_spills_or_serialisation(sparse_report):
