@@ -127,3 +127,16 @@ def test_check_indices_in_range():
         check_indices_in_range(bad, packed)
     # Masked by topk_length: never read, so never an error.
     check_indices_in_range(bad, packed, topk_length=torch.tensor([128, 3], dtype=torch.int32))
+
+
+def test_choose_num_splits():
+    from cutemla.kernels.sparse_decode import MAX_GRID_Z, choose_num_splits
+
+    # Big grids are never split; small ones split into >= 4-tile chunks up to the SM count.
+    assert choose_num_splits(b=128, s_q=2, h_q=128, topk=2048, num_sms=132) == 1
+    assert choose_num_splits(b=2, s_q=2, h_q=128, topk=2048, num_sms=132) == 8
+    assert choose_num_splits(b=1, s_q=1, h_q=16, topk=8192, num_sms=132) == 32
+    assert choose_num_splits(b=1, s_q=1, h_q=16, topk=64, num_sms=132) == 1
+    assert choose_num_splits(b=1, s_q=1, h_q=64, topk=100000, num_sms=132) == 132
+    for b in (1, 3, 70000 // 132):
+        assert b * choose_num_splits(b=b, s_q=1, h_q=16, topk=1 << 20, num_sms=100000) <= MAX_GRID_Z
