@@ -1,6 +1,7 @@
 """Benchmark rows for sparse (top-k) decode over the FP8 cache, FlashMLA's method (needs an sm90 GPU).
 
-    python -m perf.sparse_fp8 [--preset flashmla|tp|all] [--splits auto 1 4 ...] [--out results.csv]
+    python -m perf.sparse_fp8 [--preset flashmla|tp|all] [--splits auto 1 4 ...] [--configs sparse_fp8 ...]
+                              [--out results.csv]
 
 Self-contained (not yet a provider of ``perf.sweep``). Each row is one ``flash_mla_with_kvcache(...,
 is_fp8_kvcache=True, indices=...)`` call timed in a CUDA graph (``cutemla.profile.time_cuda_graph``: best and
@@ -53,7 +54,7 @@ def metrics(b, s_q, h_q, topk, indices) -> tuple[float, float]:
     return flop, 2.0 * b * s_q * h_q * (D_QK + D_V) + unique * BYTES_PER_TOKEN
 
 
-def run(rows, split_options, out_path=None):
+def run(rows, split_options, out_path=None, configs=("sparse_fp8",)):
     from cutemla.kernels.sparse_decode import choose_num_splits, run_sparse_fp8_decode
     from cutemla.profile import time_cuda_graph
 
@@ -63,16 +64,17 @@ def run(rows, split_options, out_path=None):
     for b, s_q, h_q, topk, s_kv in rows:
         q, packed, indices, sink = make_inputs(b, s_q, h_q, topk, s_kv)
         flop, nbytes = metrics(b, s_q, h_q, topk, indices)
-        for option in split_options:
+        for config, option in [(c, o) for c in configs for o in split_options]:
             splits = choose_num_splits(b, s_q, h_q, topk, num_sms) if option == "auto" else int(option)
 
-            def call(splits=splits, inputs=(q, packed, indices, sink)):
-                return run_sparse_fp8_decode(*inputs[:3], D_QK ** -0.5, attn_sink=inputs[3], num_splits=splits)
+            def call(splits=splits, config=config, inputs=(q, packed, indices, sink)):
+                return run_sparse_fp8_decode(*inputs[:3], D_QK ** -0.5, attn_sink=inputs[3], num_splits=splits,
+                                             config=config)
 
             timing = time_cuda_graph([call])
             us = timing.min_us
             row = dict(case=f"{b}x{s_q}x{s_kv} topk{topk} h{h_q}", b=b, s_q=s_q, h_q=h_q, topk=topk, s_kv=s_kv,
-                       splits=splits, split_option=option, us=round(us, 2), us_median=round(timing.median_us, 2),
+                       config=config, splits=splits, split_option=option, us=round(us, 2), us_median=round(timing.median_us, 2),
                        tflops=round(flop / us / 1e6, 1), gbps=round(nbytes / us / 1e3, 1),
                        flashmla_h800_tflops=FLASHMLA_H800_TFLOPS.get((b, s_q, h_q, topk), ""),
                        device=torch.cuda.get_device_name(device))
@@ -92,12 +94,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="flashmla", choices=sorted(PRESETS))
     parser.add_argument("--splits", nargs="+", default=["auto"], help="'auto' and/or split counts to time")
+    parser.add_argument("--configs", nargs="+", default=["sparse_fp8"],
+                        help="kernel variants (cutemla.kernels.sparse_decode.CONFIGS), e.g. sparse_fp8_pipelined")
     parser.add_argument("--out", default=None, help="CSV path")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("perf.sparse_fp8 needs a CUDA (sm90) GPU", file=sys.stderr)
         return 2
-    run(PRESETS[args.preset], args.splits, args.out)
+    run(PRESETS[args.preset], args.splits, args.out, args.configs)
     return 0
 
 

@@ -107,18 +107,19 @@ def kernel_backend(clean_api_state, monkeypatch):
     monkeypatch.setenv("CUTEMLA_BACKEND", "kernel")
 
 
-def run_case(case: SparseCase, num_splits=None):
-    """Through the API (splits chosen by shape), or the launcher directly with a forced split count."""
+def run_case(case: SparseCase, num_splits=None, config=None):
+    """Through the API (splits chosen by shape), or the launcher directly with a forced split count / config."""
     q, packed, indices, ref_indices, sink, topk_length = make_inputs(case)
-    if num_splits is None:
+    if num_splits is None and config is None:
         out, lse = flash_mla_with_kvcache(q, packed, None, None, 512, get_mla_metadata()[0],
                                           softmax_scale=SM_SCALE, is_fp8_kvcache=True, indices=indices,
                                           attn_sink=sink, topk_length=topk_length)
     else:
         from cutemla.kernels.sparse_decode import run_sparse_fp8_decode
 
+        kwargs = {} if config is None else {"config": config}
         out, lse = run_sparse_fp8_decode(q, packed, indices, SM_SCALE, attn_sink=sink, topk_length=topk_length,
-                                         num_splits=num_splits)
+                                         num_splits=num_splits, **kwargs)
     ref_out, ref_lse = sparse_mla_decode_reference(q, packed, ref_indices, SM_SCALE, attn_sink=sink,
                                                    topk_length=topk_length)
     torch.cuda.synchronize()
@@ -170,6 +171,16 @@ FORCED = [
 @pytest.mark.parametrize("case,num_splits", FORCED, ids=[f"{c}-splits{n}" for c, n in FORCED])
 def test_forced_splits(case, num_splits):
     run_case(case, num_splits)
+
+
+# The pipelined consumer schedule (QK^T of tile n+1 before PV of tile n), a second compiled variant.
+PIPELINED = [CASES[1], CASES[4], CASES[7], CASES[9], CASES[10], CASES[12], CASES[13]]
+
+
+@pytest.mark.parametrize("case", PIPELINED, ids=str)
+def test_pipelined_schedule(case):
+    run_case(case, config="sparse_fp8_pipelined")
+    run_case(case, num_splits=3, config="sparse_fp8_pipelined")
 
 
 def test_all_invalid_gives_zero_and_inf(kernel_backend):

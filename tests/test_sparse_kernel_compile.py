@@ -17,7 +17,8 @@ GATHER_MARKERS = {
 }
 
 # (module, config): the sparse kernel and the dense-FP8 kernel built from the same pieces.
-CONFIGS = [("sparse_decode", c) for c in ("sparse_fp8", "sparse_fp8_noprefetch", "sparse_fp8_u2")] + \
+CONFIGS = [("sparse_decode", c) for c in ("sparse_fp8", "sparse_fp8_pipelined", "sparse_fp8_noprefetch",
+                                          "sparse_fp8_u2")] + \
           [("dense_fp8_decode", c) for c in ("dense_fp8", "dense_fp8_noprefetch")]
 
 
@@ -35,8 +36,9 @@ def test_sparse_compiles_to_hopper_design(sparse_report):
     ptx = report["ptx"]
     assert report["kernels"] == 1
     assert ptx["target_sm90a"] == 1
-    # QK^T: 36 k16 steps of m64n32 (this warpgroup's 32 keys over d = 576); PV: 4 steps of m64n256.
-    assert ptx["wgmma_m64n32k16"] == 36
+    # QK^T: 36 k16 steps of m64n32 (this warpgroup's 32 keys over d = 576; the pipelined schedule has two
+    # issue sites, prologue and loop); PV: 4 steps of m64n256.
+    assert ptx["wgmma_m64n32k16"] == (72 if config.endswith("pipelined") else 36)
     assert ptx["wgmma_m64n256k16"] == 4
     # Q is the only TMA load (9 boxes of 64 columns); the cache is gathered with vector loads.
     assert ptx["tma_load"] == 9

@@ -81,8 +81,11 @@ class MlaSparseDecodeFp8:
     """Sparse FP8 decode. Config (compile-time): tokens a producer warp keeps in flight, L2 prefetch."""
 
     def __init__(self, tokens_in_flight: int = 4, l2_prefetch: bool = True, producer_regs: int = 72,
-                 kv_stages: int = 2):
+                 pipelined: bool = False, kv_stages: int = 2):
         assert TOKENS_PER_WARP % tokens_in_flight == 0
+        # pipelined: QK^T of tile n+1 is issued before PV of tile n, so the softmax of n+1 runs while the
+        # tensor cores do PV(n) (the dense kernel's "pipelined" schedule). Otherwise one tile at a time.
+        self.pipelined = pipelined
         self.producer_regs = producer_regs
         self.consumer_regs = consumer_regs(producer_regs)
         self.dtype = cutlass.BFloat16
@@ -339,18 +342,50 @@ class MlaSparseDecodeFp8:
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.kv_stages)
         pipe_q.consumer_wait(q_state)
-        for n in cutlass.range(tile_begin, tile_end, unroll=1):
-            stage = kv_state.index
-            pipe_kv.consumer_wait(kv_state)
-            self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, stage)
-            warpgroup.wait_group(0)
-            # This warpgroup's 32 slots: bits of producer warps 2*wg and 2*wg + 1.
-            valid = sValid[2 * wg, stage] | (sValid[2 * wg + 1, stage] << 16)
-            self.mask_invalid(acc_S, tidx, valid)
-            self.softmax_pv(acc_S, acc_O, rP, row_max, row_sum, tPsP, tOrP, tOrVt, tiled_mma_pv, sRowMax,
-                            tile_row, wg, quad_leader, stage, scale_log2)
-            pipe_kv.consumer_release(kv_state)
-            kv_state.advance()
+        rescale = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+        if const_expr(self.pipelined):
+            if tile_begin < tile_end:  # prologue: the first tile up to its P in shared memory
+                pipe_kv.consumer_wait(kv_state)
+                self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, kv_state.index)
+                warpgroup.wait_group(0)
+                self.mask_invalid(acc_S, tidx, self.valid_bits(sValid, wg, kv_state.index))
+                self.softmax_to_p(acc_S, rP, rescale, row_max, row_sum, sRowMax, tile_row, wg, quad_leader,
+                                  scale_log2)
+                self.stage_p(acc_O, rP, rescale, tPsP)
+            for n in cutlass.range(tile_begin, tile_end, unroll=1):
+                stage = kv_state.index
+                has_next = n + 1 < tile_end
+                next_state = kv_state.clone()
+                next_state.advance()
+                next_stage = stage
+                if has_next:
+                    pipe_kv.consumer_wait(next_state)
+                    next_stage = next_state.index
+                # QK^T(n+1) before PV(n). On the last tile it re-runs QK^T on tile n's resident stage and
+                # the result is dropped: WGMMA issue stays out of data-dependent branches.
+                self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, next_stage)
+                self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, stage)
+                warpgroup.wait_group(1)  # QK^T(n+1) done; PV(n) may still run
+                if has_next:
+                    self.mask_invalid(acc_S, tidx, self.valid_bits(sValid, wg, next_stage))
+                    self.softmax_to_p(acc_S, rP, rescale, row_max, row_sum, sRowMax, tile_row, wg, quad_leader,
+                                      scale_log2)
+                warpgroup.wait_group(0)  # PV(n) done: stage n may go, O may be rescaled
+                pipe_kv.consumer_release(kv_state)
+                kv_state.advance()
+                if has_next:
+                    self.stage_p(acc_O, rP, rescale, tPsP)
+        else:
+            for n in cutlass.range(tile_begin, tile_end, unroll=1):
+                stage = kv_state.index
+                pipe_kv.consumer_wait(kv_state)
+                self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, stage)
+                warpgroup.wait_group(0)
+                self.mask_invalid(acc_S, tidx, self.valid_bits(sValid, wg, stage))
+                self.softmax_pv(acc_S, acc_O, rP, row_max, row_sum, tPsP, tOrP, tOrVt, tiled_mma_pv, sRowMax,
+                                tile_row, wg, quad_leader, stage, scale_log2)
+                pipe_kv.consumer_release(kv_state)
+                kv_state.advance()
 
         row_total = self.row_totals(row_sum, sRowSum, tile_row, wg, quad_leader, 0)
         self.epilogue(acc_O, row_max, row_total, tidx, wg, tile_row, m_block, s_idx, batch, split_idx, mSink,
@@ -372,10 +407,15 @@ class MlaSparseDecodeFp8:
         return thr_qk, thr_pv, tSrQ, tSrK, tOrVt, tOrP, tPsP
 
     @cute.jit
-    def softmax_pv(self, acc_S, acc_O, rP, row_max, row_sum, tPsP, tOrP, tOrVt, tiled_mma_pv, sRowMax,
-                   tile_row, wg, quad_leader, stage, scale_log2: Float32):
-        """Masked scores of one tile -> row maxima over both warpgroups, online softmax, P through shared
-        memory, O += P V (waited: the stage may be released afterwards)."""
+    def valid_bits(self, sValid, wg, stage):
+        """This warpgroup's 32 slots of a stage: the bits of producer warps 2*wg and 2*wg + 1."""
+        return sValid[2 * wg, stage] | (sValid[2 * wg + 1, stage] << 16)
+
+    @cute.jit
+    def softmax_to_p(self, acc_S, rP, rescale, row_max, row_sum, sRowMax, tile_row, wg, quad_leader,
+                     scale_log2: Float32):
+        """Masked scores of one tile -> row maxima over both warpgroups, online softmax step, bf16 P in
+        registers and the factor O must be rescaled by."""
         block_max = sm.block_row_max(acc_S)
         if quad_leader:
             sRowMax[tile_row, wg] = block_max[0]
@@ -383,14 +423,28 @@ class MlaSparseDecodeFp8:
         cute.arch.barrier(barrier_id=BARRIER_ROW_MAX, number_of_threads=256)
         block_max[0] = cute.arch.fmax(block_max[0], sRowMax[tile_row, 1 - wg])
         block_max[1] = cute.arch.fmax(block_max[1], sRowMax[tile_row + 8, 1 - wg])
-        rescale = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
+        factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
+        rescale[0] = factors[0]
+        rescale[1] = factors[1]
         rP.store(acc_S.load().to(self.dtype))
+
+    @cute.jit
+    def stage_p(self, acc_O, rP, rescale, tPsP):
+        """Rescale O, then publish this warpgroup's P half for both PV WGMMAs (after both finished the
+        previous PV, which read sP)."""
         sm.rescale_rows(acc_O, rescale)
-        # sP is free once both warpgroups finished the previous PV.
         cute.arch.barrier(barrier_id=BARRIER_P_FREE, number_of_threads=256)
         cute.autovec_copy(rP, tPsP)
         cute.arch.fence_view_async_shared()
         cute.arch.barrier(barrier_id=BARRIER_P_READY, number_of_threads=256)
+
+    @cute.jit
+    def softmax_pv(self, acc_S, acc_O, rP, row_max, row_sum, tPsP, tOrP, tOrVt, tiled_mma_pv, sRowMax,
+                   tile_row, wg, quad_leader, stage, scale_log2: Float32):
+        """One tile, one at a time: softmax, P to shared memory, O += P V (waited: the stage may go)."""
+        rescale = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+        self.softmax_to_p(acc_S, rP, rescale, row_max, row_sum, sRowMax, tile_row, wg, quad_leader, scale_log2)
+        self.stage_p(acc_O, rP, rescale, tPsP)
         self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, stage)
         warpgroup.wait_group(0)
 
@@ -523,11 +577,11 @@ def _fake_args():
 
 
 def compile_sparse_decode(tokens_in_flight: int = 4, l2_prefetch: bool = True, producer_regs: int = 72,
-                          options: str | None = None):
+                          pipelined: bool = False, options: str | None = None):
     """Compile (uncached) one sparse FP8 decode variant. Use `get_sparse_decode_fn` to call it."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
-    kernel = MlaSparseDecodeFp8(tokens_in_flight, l2_prefetch, producer_regs)
+    kernel = MlaSparseDecodeFp8(tokens_in_flight, l2_prefetch, producer_regs, pipelined)
     return cute.compile(kernel, *_fake_args(), fake_stream(), options=options or COMPILE_OPTIONS)
 
 
@@ -536,6 +590,7 @@ def compile_sparse_decode(tokens_in_flight: int = 4, l2_prefetch: bool = True, p
 # in flight need more than the consumers can give up, so they spill either way.
 CONFIGS = {
     "sparse_fp8": (4, True, 88),
+    "sparse_fp8_pipelined": (4, True, 88, True),
     "sparse_fp8_noprefetch": (4, False, 88),
     "sparse_fp8_u2": (2, True, 72),
 }
