@@ -44,6 +44,11 @@ SMOKE = [
     DecodeCase(b=64, s_q=2, s_k=140, h_q=128, h_kv=8, varlen=True, causal=True, zero_frac=0.3),
     DecodeCase(b=4, s_q=1, s_k=4096, h_q=63, h_kv=1, dtype=torch.float16),
     DecodeCase(b=8, s_q=1, s_k=1000, h_q=16, h_kv=1, d=512),
+    # The seesaw pairs tiles: one, two and three blocks, several requests per CTA, two M tiles.
+    DecodeCase(b=3, s_q=1, s_k=1, h_q=128, h_kv=1),
+    DecodeCase(b=3, s_q=1, s_k=128, h_q=128, h_kv=1),
+    DecodeCase(b=3, s_q=1, s_k=130, h_q=128, h_kv=1, dtype=torch.float16),
+    DecodeCase(b=128, s_q=2, s_k=700, h_q=128, h_kv=1, varlen=True, causal=True),
 ]
 
 
@@ -69,7 +74,7 @@ def check_case(case: DecodeCase, schedule=None):
     assert_close_flashmla("lse", lse, ref_lse, **LSE_TOL)
 
 
-@pytest.mark.parametrize("schedule", ["pipelined", "split_s"])
+@pytest.mark.parametrize("schedule", ["pipelined", "split_s", "seesaw"])
 @pytest.mark.parametrize("case", SMOKE, ids=str)
 def test_decode_smoke(case, schedule):
     check_case(case, schedule)

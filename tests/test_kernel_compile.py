@@ -39,3 +39,37 @@ def test_decode_has_no_spills_or_serialisation(decode_report):
     assert report["ptx"]["local_memory"] == 0
     # C7508: setmaxnreg ignored; C7519/C7510: WGMMA serialised by the compiler.
     assert not set(report["ptxas_warnings"]) & {"C7508", "C7510", "C7519"}, report["ptxas_warnings"]
+
+
+SEESAW_CONFIGS = ["bf16_d576_seesaw", "fp16_d576_seesaw", "bf16_d576_seesaw_pf"]
+
+
+@pytest.fixture(scope="module", params=SEESAW_CONFIGS)
+def seesaw_report(request):
+    return request.param, run_report("cutemla.kernels.seesaw", request.param)
+
+
+def test_seesaw_compiles_to_hopper_design(seesaw_report):
+    config, report = seesaw_report
+    ptx = report["ptx"]
+    assert report["kernels"] == 1 and ptx["target_sm90a"] == 1
+    # QK^T as m64n64 over 9 sub-tiles x 4 k16 steps at four issue sites (each consumer's first
+    # tile and its loop); PV as m64n256, 4 k16 steps at four sites (each consumer's own P from
+    # registers and the other's from smem).
+    assert ptx["wgmma_m64n64k16"] == 4 * 36
+    assert ptx["wgmma_m64n32k16"] == 0
+    assert ptx["wgmma_m64n256k16"] == 4 * 4
+    # K: 9 sub-tile boxes per stage, one producer warp per stage; Q: 9 boxes in one copy.
+    assert ptx["tma_load"] == 3 * 9
+    assert ptx["tma_prefetch"] == (18 if config.endswith("_pf") else 0)
+    assert ptx["setmaxnreg"] == 2
+
+
+def test_seesaw_spills_at_most_a_few_bytes(seesaw_report):
+    _, report = seesaw_report
+    # KNOWN GAP: ptxas spills 8 bytes (one 64-bit value, 2 spill loads) in the seesaw consumer at
+    # every setmaxnreg split tried (24/240, 40/232, 56/224); the other decode configs spill none.
+    # This bound keeps it from growing unnoticed until it is found and removed.
+    assert report["spill_bytes"] <= 16, report["spill_bytes"]
+    assert report["ptx"]["local_memory"] == 0
+    assert not set(report["ptxas_warnings"]) & {"C7508", "C7510", "C7519"}, report["ptxas_warnings"]

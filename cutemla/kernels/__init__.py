@@ -14,9 +14,10 @@ from ..layouts.cache import fold_q, lse_rows_view, out_rows_view
 from ..layouts.tiles import D_V, PAGE_SIZE
 
 _TORCH_TO_DSL = {torch.bfloat16: "BFloat16", torch.float16: "Float16"}
-# The decode kernel's consumer schedule ("pipelined" or "split_s", see kernels/decode.py).
+# The decode kernel's consumer schedule: "pipelined" or "split_s" (kernels/decode.py), or
+# "seesaw" (kernels/seesaw.py, d = 576 only).
 # CUTEMLA_DECODE_SCHEDULE overrides it for experiments.
-DEFAULT_SCHEDULE = "pipelined"
+DEFAULT_SCHEDULE = "seesaw"
 # Blocks ahead of its TMA loads that the producer warms L2 with (CUTEMLA_L2_PREFETCH overrides),
 # used only when a KV head has more than one 64-row M tile (h_q * s_q / h_kv > 64): there the CTAs
 # of the other M tiles read the same pages, and the H100 A/B (perf/results/2026-11-25-h100-ab.csv)
@@ -72,6 +73,18 @@ def _dsl_dtype(dtype: torch.dtype):
     return getattr(cutlass, _TORCH_TO_DSL[dtype])
 
 
+def decode_variant(d: int, rows: int, schedule: str | None = None) -> tuple[str, int]:
+    """(schedule, L2 prefetch blocks) of the decode kernel for head dim d and `rows` folded query
+    rows per KV head (s_q * h_q / h_kv). CUTEMLA_DECODE_SCHEDULE / CUTEMLA_L2_PREFETCH override."""
+    schedule = schedule or os.environ.get("CUTEMLA_DECODE_SCHEDULE", DEFAULT_SCHEDULE)
+    if schedule == "seesaw" and d != 576:
+        schedule = "pipelined"  # the seesaw keeps P tiles in the RoPE columns
+    # The seesaw measured best without L2 prefetch except at tiny batches (perf/results/
+    # 2026-11-25-h100-ab-seesaw.csv: 1155 vs 1189 us at 128x1x16k h128, 70.6 vs 67.5 at 1x64k).
+    default_prefetch = 0 if schedule == "seesaw" or rows <= 64 else DEFAULT_L2_PREFETCH
+    return schedule, int(os.environ.get("CUTEMLA_L2_PREFETCH", default_prefetch))
+
+
 def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                      softmax_scale, causal, schedule=None):
     """Split-KV decode + combine on the current stream. Inputs must already be validated.
@@ -79,8 +92,8 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
     q [b, s_q, h_q, d]; kcache [num_blocks, 64, h_kv, d]; block_table [b, max_blocks] int32;
     cache_seqlens [b] int32; metadata from cutemla.schedule. Returns (out [b, s_q, h_q, 512] in q's
     dtype, lse [b, h_q, s_q] fp32 natural log). No host sync; allocations depend only on shapes.
-    schedule: the decode kernel's consumer loop ("pipelined" or "split_s"); default
-    CUTEMLA_DECODE_SCHEDULE or DEFAULT_SCHEDULE.
+    schedule: the decode kernel's consumer loop ("seesaw", "pipelined" or "split_s"); default
+    CUTEMLA_DECODE_SCHEDULE or DEFAULT_SCHEDULE (see decode_variant).
     """
     from .combine import launch_combine
     from .decode import get_decode_fn
@@ -100,9 +113,7 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
     o_accum = torch.empty(b + num_parts, h_kv, rows, D_V, dtype=torch.float32, device=device)
     lse_accum = torch.empty(b + num_parts, h_kv, rows, dtype=torch.float32, device=device)
 
-    schedule = schedule or os.environ.get("CUTEMLA_DECODE_SCHEDULE", DEFAULT_SCHEDULE)
-    prefetch = int(os.environ.get("CUTEMLA_L2_PREFETCH", DEFAULT_L2_PREFETCH if rows > 64 else 0))
-    decode = get_decode_fn(_dsl_dtype(q.dtype), d, schedule, prefetch)
+    decode = get_decode_fn(_dsl_dtype(q.dtype), d, *decode_variant(d, rows, schedule))
     q_rows = _tma_ready(fold_q(q, h_kv), "q", copy_ok=True)
     kcache = _tma_ready(kcache, "k_cache", copy_ok=False)
     with torch.cuda.device(device):  # TVM-FFI launches on the current device's current stream

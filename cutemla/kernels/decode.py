@@ -83,17 +83,8 @@ class MlaDecode:
         mLse [b, h_kv, g, s_q], mOAccum [splits, h_kv, rows, 512] fp32, mLseAccum [splits, h_kv, rows].
         """
         dt = self.dtype
-        # Tile-first views for TMA: (rows, d, h_kv, b) and (page, d, h_kv, num_blocks).
-        mQ_t = cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[1, 3, 2, 0]))
-        mK_t = cute.make_tensor(mK.iterator, cute.select(mK.layout, mode=[1, 3, 2, 0]))
-        # Output rows as (g, s_q): row r is head-in-group r % g at query position r // g.
-        b, s_q, h_kv, g, dv = mOut.shape
-        ob, os_, oh, og, _ = mOut.stride
-        mOut_r = cute.make_tensor(mOut.iterator, cute.make_layout(
-            ((g, s_q), dv, h_kv, b), stride=((og, os_), 1, oh, ob)))
-        lb, lh, lg, ls = mLse.stride
-        mLse_r = cute.make_tensor(mLse.iterator, cute.make_layout(
-            ((g, s_q), h_kv, b), stride=((lg, ls), lh, lb)))
+        mQ_t, mK_t, mOut_r, mLse_r = self.tma_and_output_views(mQ, mK, mOut, mLse)
+        h_kv = mOut.shape[2]
 
         sQ_layout = row_major_tile(dt, BLOCK_M, self.d_qk)
         sK_layout = row_major_tile(dt, BLOCK_N, self.d_qk, self.kv_stages)
@@ -135,6 +126,21 @@ class MlaDecode:
             tiled_mma_qk, tiled_mma_pv, sQ_layout, sK_layout, sP_layout,
         ).launch(grid=(num_m_blocks, h_kv, mMeta.shape[0]), block=(NUM_THREADS, 1, 1),
                  smem=SharedStorage.size_in_bytes(), stream=stream)
+
+    @staticmethod
+    def tma_and_output_views(mQ, mK, mOut, mLse):
+        """Tile-first views for TMA, (rows, d, h_kv, b) and (page, d, h_kv, num_blocks), and the
+        outputs by folded row (g, s_q): row r is head-in-group r % g at query position r // g."""
+        mQ_t = cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[1, 3, 2, 0]))
+        mK_t = cute.make_tensor(mK.iterator, cute.select(mK.layout, mode=[1, 3, 2, 0]))
+        b, s_q, h_kv, g, dv = mOut.shape
+        ob, os_, oh, og, _ = mOut.stride
+        mOut_r = cute.make_tensor(mOut.iterator, cute.make_layout(
+            ((g, s_q), dv, h_kv, b), stride=((og, os_), 1, oh, ob)))
+        lb, lh, lg, ls = mLse.stride
+        mLse_r = cute.make_tensor(mLse.iterator, cute.make_layout(
+            ((g, s_q), h_kv, b), stride=((lg, ls), lh, lb)))
+        return mQ_t, mK_t, mOut_r, mLse_r
 
     @cute.kernel
     def kernel(self, tma_atom_Q: cute.CopyAtom, mQ: cute.Tensor, tma_atom_K: cute.CopyAtom,
@@ -547,11 +553,17 @@ def compile_decode(dtype, d_qk: int = 576, schedule: str = "pipelined", options:
 
 
 def get_decode_fn(dtype, d_qk: int = 576, schedule: str = "pipelined", l2_prefetch_blocks: int = 2):
+    """The compiled decode (cached in memory and on disk). schedule: "pipelined", "split_s", or
+    "seesaw" (kernels/seesaw.py; 576-column heads only)."""
     from .jit import compile_cache
 
-    return compile_cache.get(
-        "mla_decode", (str(dtype), d_qk, schedule, l2_prefetch_blocks),
-        lambda: compile_decode(dtype, d_qk, schedule, l2_prefetch_blocks=l2_prefetch_blocks))
+    if schedule == "seesaw":
+        from .seesaw import compile_decode_seesaw
+
+        build = partial(compile_decode_seesaw, dtype, d_qk, l2_prefetch_blocks=l2_prefetch_blocks)
+    else:
+        build = partial(compile_decode, dtype, d_qk, schedule, l2_prefetch_blocks=l2_prefetch_blocks)
+    return compile_cache.get("mla_decode", (str(dtype), d_qk, schedule, l2_prefetch_blocks), build)
 
 
 def compile_configs():

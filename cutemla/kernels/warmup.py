@@ -13,15 +13,19 @@ import time
 
 import torch
 
-from . import DEFAULT_L2_PREFETCH, DEFAULT_SCHEDULE
+from . import DEFAULT_SCHEDULE
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def warmup(dtypes=("bf16", "fp16"), head_dims=(576, 512), schedules=(DEFAULT_SCHEDULE,),
-           l2_prefetch=(0, DEFAULT_L2_PREFETCH), verbose=False) -> dict:
-    """Build every listed decode variant plus the combine and scheduler kernels; return timings."""
-    from . import _dsl_dtype
+           l2_prefetch=None, verbose=False) -> dict:
+    """Build every listed decode variant plus the combine and scheduler kernels; return timings.
+
+    l2_prefetch=None builds the variants the launcher picks (decode_variant) for one and for
+    several M tiles per KV head; a list builds exactly those prefetch depths.
+    """
+    from . import _dsl_dtype, decode_variant
     from .combine import compile_combine
     from .decode import get_decode_fn
     from ..schedule.device import get_sched_meta_fn
@@ -35,13 +39,21 @@ def warmup(dtypes=("bf16", "fp16"), head_dims=(576, 512), schedules=(DEFAULT_SCH
         if verbose:
             print(f"{name}: {timings[name]:.2f} s", flush=True)
 
+    def variants(d):
+        found = set()
+        for schedule in schedules:
+            for rows in (64, 128):
+                chosen, prefetch = decode_variant(d, rows, schedule)
+                for p in (l2_prefetch if l2_prefetch is not None else (prefetch,)):
+                    found.add((chosen, p))
+        return sorted(found)
+
     for name in dtypes:
         dt = DTYPES[name]
         for d in head_dims:
-            for schedule in schedules:
-                for prefetch in l2_prefetch:
-                    timed(f"decode-{name}-d{d}-{schedule}-pf{prefetch}",
-                          lambda: get_decode_fn(_dsl_dtype(dt), d, schedule, prefetch))
+            for schedule, prefetch in variants(d):
+                timed(f"decode-{name}-d{d}-{schedule}-pf{prefetch}",
+                      lambda: get_decode_fn(_dsl_dtype(dt), d, schedule, prefetch))
         for threads, warps_per_row in ((256, 1), (128, 4)):
             timed(f"combine-{name}-{threads}x{warps_per_row}",
                   lambda: compile_combine(dt, threads=threads, warps_per_row=warps_per_row))
@@ -54,8 +66,8 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=sorted(DTYPES))
     parser.add_argument("--head-dims", nargs="+", type=int, default=[576, 512])
     parser.add_argument("--schedules", nargs="+", default=[DEFAULT_SCHEDULE])
-    parser.add_argument("--l2-prefetch", nargs="+", type=int, default=[0, DEFAULT_L2_PREFETCH],
-                        help="both by default: the launcher picks by the number of M tiles")
+    parser.add_argument("--l2-prefetch", nargs="+", type=int, default=None,
+                        help="default: the depths the launcher picks (see decode_variant)")
     args = parser.parse_args(argv)
     warmup(args.dtypes, args.head_dims, args.schedules, args.l2_prefetch, verbose=True)
 

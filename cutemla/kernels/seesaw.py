@@ -1,0 +1,559 @@
+"""Seesaw MLA decode for sm_90a (CuTe DSL): each consumer warpgroup scores a whole 64-key tile.
+
+The schedules of decode.py split every tile's 64 keys between the two consumer warpgroups, so each
+runs QK^T as m64n32 WGMMAs and both read all of Q from shared memory for every tile. Here the two
+warpgroups take turns instead (FlashMLA's "seesaw"): of each pair of tiles (n0, n1), consumer 0
+scores n0 and consumer 1 scores n1, each as m64n64 WGMMAs, so Q is read once per tile and the
+tensor cores see twice the N. O stays split by columns (consumer 0 owns O[:, :256], consumer 1
+O[:, 256:]), so each P tile is used by both:
+
+  consumer 0                                       consumer 1
+  S0 -> softmax with the running max -> m0,        (waits SCALE0)
+  P0, O_L *= exp2(m_old - m0); arrive SCALE0       S1 -> softmax from m0 -> m1, P1; O_R rescaled
+  O_L += P0 V0_L   (P0 from registers)               to m1; arrive SCALE1
+  (waits SCALE1) P0 *= exp2(m0 - m1) -> smem;      P1 -> smem; O_R += P1 V1_R (registers);
+    arrive P0_READY                                  arrive P1_READY
+  (waits P1_READY) O_L *= exp2(m0 - m1);           (waits P0_READY) O_R += P0 V0_R (smem)
+    O_L += P1 V1_L (smem)
+  QK^T of the next n0                              QK^T of the next n1
+
+Shared memory is Q plus two K stages (221 KiB); P tiles live in the RoPE sub-tile (columns
+512-575) of their own tile's stage, which no one reads after that tile's QK^T. Stage 0 always holds
+n0 and stage 1 n1. Each stage is refilled in two halves, each released by its last reader, so a
+load starts as soon as half a stage is free:
+  stage 0: L = sub-tiles 0-3 (V0_L; consumer 0 after O_L += P0 V0_L),
+           R = 4-8 (V0_R + P0; consumer 1 after O_R += P0 V0_R)
+  stage 1: R = 4-7 (V1_R; consumer 1 after O_R += P1 V1_R),
+           L = 0-3 + 8 (V1_L + P1; consumer 0 after O_L += P1 V1_L)
+Producer warp 0 fills stage 0 (and loads Q), warp 1 fills stage 1, each in its release order; every
+K sub-tile has its own full mbarrier. Needs the 576-column head (the P tiles use the RoPE sub-tile).
+"""
+import math
+from functools import partial
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32, const_expr
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.memory import SmemAllocator
+
+from ..layouts.smem import row_major_tile, v_transposed_view
+from ..layouts.tiles import BLOCK_M, BLOCK_N, D_V, SUBTILE_K
+from . import softmax as sm
+from .decode import NUM_THREADS, SMEM_LIMIT, MlaDecode, _fake_args
+
+D_QK = 576
+NUM_SUBTILES = D_QK // SUBTILE_K
+ROPE_SUBTILE = NUM_SUBTILES - 1
+# The sub-tiles of each stage's halves, in the order the producer refills them and the QK^T of the
+# stage's next tile consumes them (consumer 0 frees stage 0's L half first; consumer 1 frees stage
+# 1's R half first). Index 2 * stage + half of the empty barriers: half 0 = L, 1 = R.
+STAGE_HALVES = (
+    ((0, (0, 1, 2, 3)), (1, (4, 5, 6, 7, 8))),   # stage 0: L then R
+    ((1, (4, 5, 6, 7)), (0, (0, 1, 2, 3, 8))),   # stage 1: R then L
+)
+# Named barriers (id 0 is __syncthreads): between the consumers (256 threads), and per consumer.
+BARRIER_SCALE0 = 1    # consumer 0 published m0 and exp2(m_old - m0)
+BARRIER_SCALE1 = 2    # consumer 1 published m1 and exp2(m0 - m1)
+BARRIER_P0_READY = 3  # rescaled P0 in smem
+BARRIER_P1_READY = 4  # P1 in smem
+BARRIER_ROW_SUM = 5   # row sums at the end of a request
+BARRIER_WG = 6        # 6 + wg: one consumer's zeroed V tail is visible to its WGMMAs
+LN2 = math.log(2.0)
+
+
+class MlaDecodeSeesaw(MlaDecode):
+    """Split-KV MLA decode, seesaw schedule. Same call signature and outputs as MlaDecode."""
+
+    def __init__(self, dtype, d_qk: int = D_QK, l2_prefetch_blocks: int = 0,
+                 regs: tuple = (56, 224)):
+        assert d_qk == D_QK, "the seesaw schedule keeps P tiles in the RoPE sub-tile: d must be 576"
+        self.dtype = dtype
+        self.d_qk = d_qk
+        self.kv_stages = 2
+        self.num_subtiles = NUM_SUBTILES
+        self.l2_prefetch_blocks = l2_prefetch_blocks
+        self.subtile_bytes = BLOCK_N * SUBTILE_K * dtype.width // 8
+        self.q_bytes = BLOCK_M * d_qk * dtype.width // 8
+        # setmaxnreg split (producer, consumer): 128 * p + 256 * c must stay within 168 * 384.
+        self.producer_regs, self.consumer_regs = regs
+        assert 128 * regs[0] + 256 * regs[1] <= 168 * NUM_THREADS
+
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mBlockTable: cute.Tensor,
+                 mSeqlens: cute.Tensor, mMeta: cute.Tensor, mNumSplits: cute.Tensor,
+                 mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
+                 scale_log2: Float32, is_causal: Int32, stream):
+        """Tensors as MlaDecode.__call__ documents them."""
+        dt = self.dtype
+        mQ_t, mK_t, mOut_r, mLse_r = self.tma_and_output_views(mQ, mK, mOut, mLse)
+        h_kv = mOut.shape[2]
+        sQ_layout = row_major_tile(dt, BLOCK_M, self.d_qk)
+        sK_layout = row_major_tile(dt, BLOCK_N, self.d_qk, self.kv_stages)
+        sub_layout = row_major_tile(dt, BLOCK_N, SUBTILE_K)
+        tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mQ_t, sQ_layout, (BLOCK_M, self.d_qk))
+        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mK_t, sub_layout, (BLOCK_N, SUBTILE_K))
+
+        K_MAJOR, MN_MAJOR = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
+        tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
+            dt, dt, K_MAJOR, K_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, BLOCK_N))
+        # PV with this warpgroup's own P from registers, and with the other's P from smem.
+        tiled_mma_pv_rs = sm90_utils.make_trivial_tiled_mma(
+            dt, dt, K_MAJOR, MN_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, D_V // 2),
+            a_source=warpgroup.OperandSource.RMEM)
+        tiled_mma_pv_ss = sm90_utils.make_trivial_tiled_mma(
+            dt, dt, K_MAJOR, MN_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, D_V // 2))
+
+        @cute.struct
+        class SharedStorage:
+            mbar_full: cute.struct.MemRange[cutlass.Int64, 2 * NUM_SUBTILES]
+            mbar_empty: cute.struct.MemRange[cutlass.Int64, 4]
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]  # full, empty
+            sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
+            sRowMax: cute.struct.MemRange[Float32, BLOCK_M]
+            sScale: cute.struct.MemRange[Float32, BLOCK_M * 2]
+            sRowSum: cute.struct.MemRange[Float32, BLOCK_M * 4]
+
+        self.shared_storage = SharedStorage
+        assert SharedStorage.size_in_bytes() <= SMEM_LIMIT, "shared memory over the sm90 limit"
+
+        rows = mQ.shape[1]
+        num_m_blocks = (rows + BLOCK_M - 1) // BLOCK_M
+        self.kernel(
+            tma_atom_Q, tma_Q, tma_atom_K, tma_K, mBlockTable, mSeqlens, mMeta, mNumSplits,
+            mOut_r, mLse_r, mOAccum, mLseAccum, scale_log2, is_causal,
+            tiled_mma_qk, tiled_mma_pv_rs, tiled_mma_pv_ss, sQ_layout, sK_layout,
+        ).launch(grid=(num_m_blocks, h_kv, mMeta.shape[0]), block=(NUM_THREADS, 1, 1),
+                 smem=SharedStorage.size_in_bytes(), stream=stream)
+
+    @cute.kernel
+    def kernel(self, tma_atom_Q: cute.CopyAtom, mQ: cute.Tensor, tma_atom_K: cute.CopyAtom,
+               mK: cute.Tensor, mBlockTable: cute.Tensor, mSeqlens: cute.Tensor, mMeta: cute.Tensor,
+               mNumSplits: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
+               mLseAccum: cute.Tensor, scale_log2: Float32, is_causal: Int32,
+               tiled_mma_qk: cute.TiledMma, tiled_mma_pv_rs: cute.TiledMma,
+               tiled_mma_pv_ss: cute.TiledMma, sQ_layout: cute.ComposedLayout,
+               sK_layout: cute.ComposedLayout):
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        tidx, _, _ = cute.arch.thread_idx()
+        m_block, kv_head, part = cute.arch.block_idx()
+        if warp_idx == 0:
+            cpasync.prefetch_descriptor(tma_atom_Q)
+            cpasync.prefetch_descriptor(tma_atom_K)
+
+        storage = SmemAllocator().allocate(self.shared_storage)
+        full = storage.mbar_full.data_ptr()
+        empty = storage.mbar_empty.data_ptr()
+        q_bar = storage.mbar_q.data_ptr()
+        if tidx == 0:
+            for i in cutlass.range_constexpr(2 * NUM_SUBTILES):
+                cute.arch.mbarrier_init(full + i, 1)  # the producer's arrive + TMA bytes
+            for i in cutlass.range_constexpr(4):
+                cute.arch.mbarrier_init(empty + i, 4)  # one arrive per warp of the releasing WG
+            cute.arch.mbarrier_init(q_bar, 1)
+            cute.arch.mbarrier_init(q_bar + 1, 8)  # every consumer warp is done with sQ
+            cute.arch.mbarrier_init_fence()
+        cute.arch.barrier()
+
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        exchange = (storage.sRowMax.get_tensor(cute.make_layout(BLOCK_M)),
+                    storage.sScale.get_tensor(cute.make_layout((BLOCK_M, 2))),
+                    storage.sRowSum.get_tensor(cute.make_layout((BLOCK_M, 2, 2))))
+        barriers = (full, empty, q_bar)
+
+        batch = mSeqlens.shape[0]
+        if mMeta[part, 0] < batch:
+            if warp_idx < 4:
+                cute.arch.setmaxregister_decrease(self.producer_regs)
+                g, s_q = mOut.shape[0][0], mOut.shape[0][1]
+                if warp_idx == 0:
+                    self.producer(0, tma_atom_Q, mQ, tma_atom_K, mK, sQ, sK, barriers, mBlockTable,
+                                  mSeqlens, mMeta, m_block, kv_head, part, is_causal, g, s_q)
+                elif warp_idx == 1:
+                    self.producer(1, tma_atom_Q, mQ, tma_atom_K, mK, sQ, sK, barriers, mBlockTable,
+                                  mSeqlens, mMeta, m_block, kv_head, part, is_causal, g, s_q)
+            else:
+                cute.arch.setmaxregister_increase(self.consumer_regs)
+                # One code path per consumer: nothing is live across a branch on the warpgroup
+                # (a shared path with the branch inside spilled ~400 bytes in ptxas).
+                args = (sQ, sK, exchange, barriers, mSeqlens, mMeta, mNumSplits, mOut, mLse,
+                        mOAccum, mLseAccum, tiled_mma_qk, tiled_mma_pv_rs, tiled_mma_pv_ss, m_block,
+                        kv_head, part, scale_log2, is_causal, mQ.shape[0])
+                if warp_idx < 8:
+                    self.consumer(0, tidx - 128, *args)
+                else:
+                    self.consumer(1, tidx - 256, *args)
+
+    @cute.jit
+    def producer(self, stage: cutlass.Constexpr[int], tma_atom_Q, mQ, tma_atom_K, mK, sQ, sK,
+                 barriers, mBlockTable, mSeqlens, mMeta, m_block, kv_head, part, is_causal, g, s_q):
+        """Warp `stage` fills K stage `stage` with tiles start+stage, start+stage+2, ... of every
+        request, half by half as the consumers free them; warp 0 also loads each request's Q."""
+        full, empty, q_bar = barriers
+        gK = cute.local_tile(mK[None, None, kv_head, None], (BLOCK_N, SUBTILE_K), (0, None, None))
+        sK_tiles = cute.flat_divide(sK, (BLOCK_N, SUBTILE_K))[None, None, 0, None, None]
+        tKsK, tKgK = cpasync.tma_partition(
+            tma_atom_K, 0, cute.make_layout(1),
+            cute.group_modes(sK_tiles, 0, 2), cute.group_modes(gK, 0, 2))
+        rows = mQ.shape[0]
+        fills = Int32(0)  # tiles this stage has received so far
+        q_fills = Int32(0)
+        for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
+            start, end, seqlen = self.block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
+                                                  g, s_q, rows)
+            if const_expr(stage == 0):
+                gQ = cute.local_tile(mQ[None, None, kv_head, req], (BLOCK_M, self.d_qk),
+                                     (m_block, 0))
+                tQsQ, tQgQ = cpasync.tma_partition(
+                    tma_atom_Q, 0, cute.make_layout(1),
+                    cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2))
+                # A fresh mbarrier counts as having completed the phase before its first one.
+                cute.arch.mbarrier_wait(q_bar + 1, (q_fills % 2) ^ 1)
+                with cute.arch.elect_one():
+                    cute.arch.mbarrier_arrive_and_expect_tx(q_bar, self.q_bytes)
+                cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=q_bar)
+                q_fills += 1
+            for n in cutlass.range(start + stage, end, 2, unroll=1):
+                page = mBlockTable[req, n]
+                for h in cutlass.range_constexpr(2):
+                    half, subtiles = STAGE_HALVES[stage][h]
+                    cute.arch.mbarrier_wait(empty + 2 * stage + half, (fills % 2) ^ 1)
+                    for t in cutlass.range_constexpr(len(subtiles)):
+                        bar = full + stage * NUM_SUBTILES + subtiles[t]
+                        with cute.arch.elect_one():
+                            cute.arch.mbarrier_arrive_and_expect_tx(bar, self.subtile_bytes)
+                        cute.copy(tma_atom_K, tKgK[None, subtiles[t], page],
+                                  tKsK[None, subtiles[t], stage], tma_bar_ptr=bar)
+                fills += 1
+                if const_expr(self.l2_prefetch_blocks > 0):
+                    # This warp's next tile is 2 ahead; warm L2 for the one after it.
+                    ahead = n + 2 * self.l2_prefetch_blocks
+                    if ahead < end:
+                        ahead_page = mBlockTable[req, ahead]
+                        for t in cutlass.range_constexpr(NUM_SUBTILES):
+                            cute.prefetch(tma_atom_K, tKgK[None, t, ahead_page])
+
+    @cute.jit
+    def consumer(self, wg: cutlass.Constexpr[int], tidx, sQ, sK, exchange, barriers, mSeqlens,
+                 mMeta, mNumSplits, mOut, mLse, mOAccum, mLseAccum, tiled_mma_qk, tiled_mma_pv_rs,
+                 tiled_mma_pv_ss, m_block, kv_head, part, scale_log2: Float32, is_causal: Int32,
+                 rows):
+        """Consumer `wg` (0: O[:, :256] and tiles n0; 1: O[:, 256:] and tiles n1), tidx in 0..127."""
+        full, empty, q_bar = barriers
+        sRowMax, sScale, sRowSum = exchange
+        g = mOut.shape[0][0]
+        s_q = mOut.shape[0][1]
+
+        thr_qk = tiled_mma_qk.get_slice(tidx)
+        tSrQ = tiled_mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
+        tSrK = tiled_mma_qk.make_fragment_B(thr_qk.partition_B(sK))
+        sVt = v_transposed_view(sK, BLOCK_N, self.d_qk, self.kv_stages)
+        sVt_half = cute.flat_divide(sVt, (D_V // 2, BLOCK_N))[None, None, wg, 0, None]
+        thr_pv_rs = tiled_mma_pv_rs.get_slice(tidx)
+        thr_pv_ss = tiled_mma_pv_ss.get_slice(tidx)
+        tOrVt_rs = tiled_mma_pv_rs.make_fragment_B(thr_pv_rs.partition_B(sVt_half))
+        tOrVt_ss = tiled_mma_pv_ss.make_fragment_B(thr_pv_ss.partition_B(sVt_half))
+        # P tiles: the RoPE sub-tile of each stage, (64 rows, 64 keys, stage).
+        sP = cute.flat_divide(sK, (BLOCK_N, SUBTILE_K))[None, None, 0, ROPE_SUBTILE, None]
+        tOsP = tiled_mma_pv_ss.make_fragment_A(thr_pv_ss.partition_A(sP))
+        tPsP = thr_qk.partition_C(sP)
+
+        tile_row = (tidx // 32) * 16 + (tidx % 32) // 4
+        quad_leader = tidx % 4 == 0
+        lane = tidx % 32
+        fills0 = Int32(0)  # tiles consumed from each stage (mirrors the producer warps' counts)
+        fills1 = Int32(0)
+        q_fills = Int32(0)
+        for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
+            start, end, seqlen = self.block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
+                                                  g, s_q, rows)
+            row0 = m_block * BLOCK_M + tile_row
+            row1 = row0 + 8
+            border0 = seqlen
+            border1 = seqlen
+            tile_border = seqlen
+            if is_causal != 0:
+                border0 = seqlen - (s_q - 1 - row0 // g)
+                border1 = seqlen - (s_q - 1 - row1 // g)
+                tile_border = seqlen - (s_q - 1 - (m_block * BLOCK_M) // g)
+            borders = (border0, border1, tile_border, seqlen)
+
+            acc_O = cute.make_rmem_tensor(thr_pv_ss.partition_shape_C((BLOCK_M, D_V // 2)), Float32)
+            acc_O.fill(0.0)
+            row_max = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+            row_sum = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+            row_max.fill(-Float32.inf)
+            row_sum.fill(0.0)
+            acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N)), Float32)
+
+            cute.arch.mbarrier_wait(q_bar, q_fills % 2)
+            q_fills += 1
+            frags = (tSrQ, tSrK, tOrVt_rs, tOrVt_ss, tOsP, tPsP)
+            if const_expr(wg == 0):
+                fills0, fills1 = self.consumer0_request(
+                    start, end, fills0, fills1, acc_S, acc_O, row_max, row_sum, frags, sK,
+                    sRowMax, sScale, full, empty, tiled_mma_qk, tiled_mma_pv_rs, tiled_mma_pv_ss,
+                    borders, tidx, tile_row, quad_leader, lane, scale_log2)
+            else:
+                fills0, fills1 = self.consumer1_request(
+                    start, end, fills0, fills1, acc_S, acc_O, row_max, row_sum, frags, sK,
+                    sRowMax, sScale, full, empty, tiled_mma_qk, tiled_mma_pv_rs, tiled_mma_pv_ss,
+                    borders, tidx, tile_row, quad_leader, lane, scale_log2)
+            if lane == 0:
+                cute.arch.mbarrier_arrive(q_bar + 1)  # this warp is done with sQ
+
+            row_total = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+            for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+                row_total[r] = sm.quad_allreduce_sum(row_sum[r])
+            # Each warpgroup summed the P of the tiles it scored, both at the final row max.
+            # Double-buffered by request parity: the other may still read the previous sums.
+            buf = req % 2
+            if quad_leader:
+                sRowSum[tile_row, wg, buf] = row_total[0]
+                sRowSum[tile_row + 8, wg, buf] = row_total[1]
+            cute.arch.barrier(barrier_id=BARRIER_ROW_SUM, number_of_threads=256)
+            row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
+            row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
+            self.epilogue(acc_O, row_max, row_total, tidx, wg, req, kv_head, row0, rows,
+                          mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum)
+
+    @cute.jit
+    def consumer0_request(self, start, end, fills0, fills1, acc_S, acc_O, row_max, row_sum, frags,
+                          sK, sRowMax, sScale, full, empty, tiled_mma_qk, tiled_mma_pv_rs,
+                          tiled_mma_pv_ss, borders, tidx, tile_row, quad_leader, lane,
+                          scale_log2: Float32):
+        """Consumer 0 over one request: scores tiles n0 = start, start + 2, ...; owns O[:, :256]."""
+        tSrQ, tSrK, tOrVt_rs, tOrVt_ss, tOsP, tPsP = frags
+        border0, border1, tile_border, seqlen = borders
+        rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
+        tOrP = self.registers_as_pv_operand(rP, tiled_mma_pv_rs, tidx)
+        rescale = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+        if start < end:
+            self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, full, 0, fills0 % 2)
+            warpgroup.wait_group(0)
+        for n0 in cutlass.range(start, end, 2, unroll=1):
+            n1 = n0 + 1
+            has1 = n1 < end
+            has_next = n0 + 2 < end
+            # 1. softmax of S0 from the running max; publish m0 and the factor for the old O.
+            if n0 * BLOCK_N + BLOCK_N > tile_border:
+                sm.mask_scores(acc_S, tidx, n0 * BLOCK_N, border0, border1)
+            block_max = sm.block_row_max(acc_S)
+            factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
+            if quad_leader:
+                for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+                    sRowMax[tile_row + 8 * r] = row_max[r]
+                    sScale[tile_row + 8 * r, 0] = factors[r]
+            cute.arch.barrier_arrive(barrier_id=BARRIER_SCALE0, number_of_threads=256)
+            rescale[0] = factors[0]
+            rescale[1] = factors[1]
+            sm.rescale_rows(acc_O, rescale)
+            # 2. O_L += P0 V0_L with P0 from registers; then stage 0's L half is free.
+            rP.store(acc_S.load().to(self.dtype))
+            if n0 * BLOCK_N + BLOCK_N > seqlen:
+                self.zero_v_tail_synced(sK, seqlen - n0 * BLOCK_N, 0, tidx, 0)
+            self.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 0, None)
+            warpgroup.wait_group(0)
+            self.release(empty, 0, lane)
+            # 3. rescale P0 to consumer 1's max m1 and hand it over.
+            cute.arch.barrier(barrier_id=BARRIER_SCALE1, number_of_threads=256)
+            for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+                rescale[r] = sScale[tile_row + 8 * r, 1]
+                row_max[r] = sRowMax[tile_row + 8 * r]
+                row_sum[r] = row_sum[r] * rescale[r]
+            sm.rescale_rows(acc_S, rescale)
+            rP.store(acc_S.load().to(self.dtype))
+            cute.autovec_copy(rP, tPsP[None, None, None, 0])
+            cute.arch.fence_view_async_shared()
+            cute.arch.barrier_arrive(barrier_id=BARRIER_P0_READY, number_of_threads=256)
+            sm.rescale_rows(acc_O, rescale)
+            # 4. O_L += P1 V1_L (P1 from smem), overlapped with the next S0 = Q K^T.
+            if has1:
+                # P1 is in smem and consumer 1's QK^T no longer reads K1 (so V1_L may be zeroed).
+                cute.arch.barrier(barrier_id=BARRIER_P1_READY, number_of_threads=256)
+                self.wait_stage(full, 1, fills1 % 2, (0, 1, 2, 3))
+                if n1 * BLOCK_N + BLOCK_N > seqlen:
+                    self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 0, tidx, 1)
+                self.issue_pv(acc_O, tOsP, tOrVt_ss, tiled_mma_pv_ss, 1, 1)
+            fills0 += 1
+            if has_next:
+                self.issue_qk_part(acc_S, tSrQ, tSrK, tiled_mma_qk, full, 0, fills0 % 2,
+                                   (0, 1, 2, 3), True)
+                warpgroup.wait_group(1)  # O_L += P1 V1_L done
+                if has1:
+                    self.release(empty, 2, lane)
+                self.issue_qk_part(acc_S, tSrQ, tSrK, tiled_mma_qk, full, 0, fills0 % 2,
+                                   (4, 5, 6, 7, 8), False)
+                warpgroup.wait_group(0)
+            else:
+                warpgroup.wait_group(0)
+                if has1:
+                    self.release(empty, 2, lane)
+            if has1:
+                fills1 += 1
+        return fills0, fills1
+
+    @cute.jit
+    def consumer1_request(self, start, end, fills0, fills1, acc_S, acc_O, row_max, row_sum, frags,
+                          sK, sRowMax, sScale, full, empty, tiled_mma_qk, tiled_mma_pv_rs,
+                          tiled_mma_pv_ss, borders, tidx, tile_row, quad_leader, lane,
+                          scale_log2: Float32):
+        """Consumer 1 over one request: scores tiles n1 = start + 1, start + 3, ...; owns O[:, 256:]."""
+        tSrQ, tSrK, tOrVt_rs, tOrVt_ss, tOsP, tPsP = frags
+        border0, border1, tile_border, seqlen = borders
+        rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
+        tOrP = self.registers_as_pv_operand(rP, tiled_mma_pv_rs, tidx)
+        rescale = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+        if start + 1 < end:
+            self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, full, 1, fills1 % 2)
+            warpgroup.wait_group(0)
+        for n0 in cutlass.range(start, end, 2, unroll=1):
+            n1 = n0 + 1
+            has1 = n1 < end
+            has_next = n1 + 2 < end
+            # 1. softmax of S1 from consumer 0's max m0; publish m1 and exp2(m0 - m1).
+            cute.arch.barrier(barrier_id=BARRIER_SCALE0, number_of_threads=256)
+            for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+                row_max[r] = sRowMax[tile_row + 8 * r]
+                row_sum[r] = row_sum[r] * sScale[tile_row + 8 * r, 0]
+                rescale[r] = Float32(1.0)
+            if has1:
+                if n1 * BLOCK_N + BLOCK_N > tile_border:
+                    sm.mask_scores(acc_S, tidx, n1 * BLOCK_N, border0, border1)
+                block_max = sm.block_row_max(acc_S)
+                factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
+                rescale[0] = factors[0]
+                rescale[1] = factors[1]
+            if quad_leader:
+                for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+                    sRowMax[tile_row + 8 * r] = row_max[r]
+                    sScale[tile_row + 8 * r, 1] = rescale[r]
+            # O_R goes from the old max to m1: exp2(m_old - m0) * exp2(m0 - m1). Re-read the first
+            # factor (fewer live registers) before SCALE1 lets consumer 0 overwrite it.
+            for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+                rescale[r] = rescale[r] * sScale[tile_row + 8 * r, 0]
+            cute.arch.barrier_arrive(barrier_id=BARRIER_SCALE1, number_of_threads=256)
+            sm.rescale_rows(acc_O, rescale)
+            # 2. P1 to smem for consumer 0; O_R += P1 V1_R from registers.
+            if has1:
+                rP.store(acc_S.load().to(self.dtype))
+                cute.autovec_copy(rP, tPsP[None, None, None, 1])
+                cute.arch.fence_view_async_shared()
+                cute.arch.barrier_arrive(barrier_id=BARRIER_P1_READY, number_of_threads=256)
+                if n1 * BLOCK_N + BLOCK_N > seqlen:
+                    self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 1, tidx, 1)
+                self.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 1, None)
+            # 3. O_R += P0 V0_R with consumer 0's rescaled P0 from smem.
+            cute.arch.barrier(barrier_id=BARRIER_P0_READY, number_of_threads=256)
+            self.wait_stage(full, 0, fills0 % 2, (4, 5, 6, 7))
+            if n0 * BLOCK_N + BLOCK_N > seqlen:
+                self.zero_v_tail_synced(sK, seqlen - n0 * BLOCK_N, 1, tidx, 0)
+            self.issue_pv(acc_O, tOsP, tOrVt_ss, tiled_mma_pv_ss, 0, 0)
+            warpgroup.wait_group(1)  # O_R += P1 V1_R done: stage 1's R half is free
+            if has1:
+                self.release(empty, 3, lane)
+            warpgroup.wait_group(0)  # O_R += P0 V0_R done: stage 0's R half is free
+            self.release(empty, 1, lane)
+            fills0 += 1
+            if has1:
+                fills1 += 1
+            # 4. the next S1 = Q K^T.
+            if has_next:
+                self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, full, 1, fills1 % 2)
+                warpgroup.wait_group(0)
+        return fills0, fills1
+
+    @cute.jit
+    def release(self, empty, index: cutlass.Constexpr[int], lane):
+        """One arrive per warp on an empty barrier (2 * stage + half), after its WGMMAs finished."""
+        if lane == 0:
+            cute.arch.mbarrier_arrive(empty + index)
+
+    def registers_as_pv_operand(self, rP, tiled_mma_pv_rs, tidx):
+        """View the bf16/fp16 P fragment (m64n64 accumulator order) as the A operand of the
+        register-sourced m64n256k16 PV: k-block k holds accumulator columns 16k..16k+15, which
+        is the same element order, so this is a re-layout of the same registers."""
+        thr = tiled_mma_pv_rs.get_slice(tidx)
+        frag_A = tiled_mma_pv_rs.make_fragment_A(thr.partition_shape_A((BLOCK_M, BLOCK_N)))
+        return cute.make_tensor(rP.iterator, frag_A.layout)
+
+    @cute.jit
+    def wait_stage(self, full, stage: cutlass.Constexpr[int], parity, subtiles: cutlass.Constexpr):
+        """Wait on sub-tiles of a stage the other consumer already waited on (instant): the TMA
+        writes become visible to this warpgroup's own WGMMA reads."""
+        for t in cutlass.range_constexpr(len(subtiles)):
+            cute.arch.mbarrier_wait(full + stage * NUM_SUBTILES + subtiles[t], parity)
+
+    @cute.jit
+    def issue_qk(self, acc_S, tSrQ, tSrK, tiled_mma_qk, full, stage: cutlass.Constexpr[int],
+                 parity):
+        """S = Q K^T over a whole stage, in its refill order, as one WGMMA group."""
+        order = STAGE_HALVES[stage][0][1] + STAGE_HALVES[stage][1][1]
+        self.issue_qk_part(acc_S, tSrQ, tSrK, tiled_mma_qk, full, stage, parity, order, True)
+
+    @cute.jit
+    def issue_qk_part(self, acc_S, tSrQ, tSrK, tiled_mma_qk, full, stage: cutlass.Constexpr[int],
+                      parity, subtiles: cutlass.Constexpr, first: cutlass.Constexpr[bool]):
+        """Issue S (+)= Q K^T over `subtiles` of a stage as each lands; commit one WGMMA group."""
+        k_per_subtile = SUBTILE_K // 16
+        mma_qk = cute.make_mma_atom(tiled_mma_qk.op)
+        mma_qk.set(warpgroup.Field.ACCUMULATE, not first)
+        warpgroup.fence()
+        for i in cutlass.range_constexpr(len(subtiles)):
+            t = subtiles[i]
+            cute.arch.mbarrier_wait(full + stage * NUM_SUBTILES + t, parity)
+            for k in cutlass.range_constexpr(k_per_subtile):
+                kk = t * k_per_subtile + k
+                cute.gemm(mma_qk, acc_S, tSrQ[None, None, kk], tSrK[None, None, kk, stage], acc_S)
+                mma_qk.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def issue_pv(self, acc_O, tOrP, tOrVt, tiled_mma_pv, stage: cutlass.Constexpr[int],
+                 p_stage: cutlass.Constexpr):
+        """O += P V^T-half for one tile, one WGMMA group. p_stage: the stage whose RoPE sub-tile
+        holds P (smem operand), or None for P in registers."""
+        mma_pv = cute.make_mma_atom(tiled_mma_pv.op)
+        mma_pv.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.fence()
+        for k in cutlass.range_constexpr(BLOCK_N // 16):
+            if const_expr(p_stage is None):
+                cute.gemm(mma_pv, acc_O, tOrP[None, None, k], tOrVt[None, None, k, stage], acc_O)
+            else:
+                cute.gemm(mma_pv, acc_O, tOrP[None, None, k, p_stage], tOrVt[None, None, k, stage],
+                          acc_O)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def zero_v_tail_synced(self, sK, valid, wg: cutlass.Constexpr[int], tidx,
+                           stage: cutlass.Constexpr[int]):
+        """Zero this consumer's V columns of a tail tile's rows past seqlen (they may be NaN and
+        0 * NaN is NaN in the MMA), visible to its own WGMMAs."""
+        self.zero_v_tail(sK, valid, wg, tidx, stage)
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=BARRIER_WG + wg, number_of_threads=128)
+
+
+def compile_decode_seesaw(dtype, d_qk: int = D_QK, options: str | None = None,
+                          l2_prefetch_blocks: int = 0, regs: tuple = (56, 224)):
+    """Compile (uncached) the seesaw decode. Use `get_decode_fn(..., schedule="seesaw")`."""
+    from .jit import COMPILE_OPTIONS, fake_stream
+
+    kernel = MlaDecodeSeesaw(dtype, d_qk, l2_prefetch_blocks=l2_prefetch_blocks, regs=regs)
+    return cute.compile(kernel, *_fake_args(dtype, d_qk), fake_stream(),
+                        options=options or COMPILE_OPTIONS)
+
+
+def compile_configs():
+    """Every compiled seesaw variant, by name, for the CI compile checks."""
+    return {
+        f"{name}_d576_seesaw{'_pf' if pf else ''}": partial(compile_decode_seesaw, dt, D_QK,
+                                                           l2_prefetch_blocks=pf)
+        for name, dt in (("bf16", cutlass.BFloat16), ("fp16", cutlass.Float16))
+        for pf in (0, 1)
+    }
