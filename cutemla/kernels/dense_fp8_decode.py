@@ -287,21 +287,14 @@ def compile_configs():
 # Host side
 
 
-def run_dense_fp8_decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                         softmax_scale, causal, config: str = DEFAULT_CONFIG):
-    """Dense FP8 decode + combine on the current stream. Inputs must already be validated.
-
-    q [b, s_q, h_q, 576] bf16; k_cache [num_blocks, 64, 1, 656] FP8 cache bytes (stride(1) == 656);
-    block_table [b, max_blocks] int32; cache_seqlens [b] int32; metadata from cutemla.schedule for
-    (s_q, h_q, h_kv = 1). Returns (out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32).
-    """
+def dense_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, softmax_scale,
+                      causal):
+    """The compiled kernel's arguments, in order (q folded to rows and made TMA-ready, the cache as uint8,
+    fresh out / lse / split partials sized b + num_sm_parts). Any device (the CPU tests check it)."""
     from . import _tma_ready
     from ..layouts.cache import fold_q
-    from .combine import launch_combine
 
     b, s_q, h_q, _ = q.shape
-    if s_q == 1:
-        causal = False
     rows = s_q * h_q
     num_parts = tile_scheduler_metadata.shape[0]
     device = q.device
@@ -311,13 +304,30 @@ def run_dense_fp8_decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_
     lse_accum = torch.empty(b + num_parts, 1, rows, dtype=torch.float32, device=device)
     if k_cache.dtype != torch.uint8:
         k_cache = k_cache.view(torch.uint8)
-    q_rows = _tma_ready(fold_q(q, 1), "q", copy_ok=True)
+    return (_tma_ready(fold_q(q, 1), "q", copy_ok=True), k_cache, block_table, cache_seqlens,
+            tile_scheduler_metadata, num_splits, out, lse, o_accum, lse_accum, float(softmax_scale) * LOG2E,
+            int(bool(causal) and s_q > 1))
+
+
+def run_dense_fp8_decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                         softmax_scale, causal, config: str = DEFAULT_CONFIG):
+    """Dense FP8 decode + combine on the current stream. Inputs must already be validated.
+
+    q [b, s_q, h_q, 576] bf16; k_cache [num_blocks, 64, 1, 656] FP8 cache bytes (stride(1) == 656);
+    block_table [b, max_blocks] int32; cache_seqlens [b] int32; metadata from cutemla.schedule for
+    (s_q, h_q, h_kv = 1). Returns (out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32).
+    """
+    from .combine import launch_combine
+
+    args = dense_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                             softmax_scale, causal)
+    out, lse, o_accum, lse_accum = args[6:10]
     fn = get_dense_fp8_decode_fn(config)
-    with torch.cuda.device(device):
-        fn(q_rows, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, lse, o_accum,
-           lse_accum, float(softmax_scale) * LOG2E, int(bool(causal)))
+    with torch.cuda.device(q.device):
+        fn(*args)
         launch_combine(o_accum, lse_accum, num_splits, out, lse)
     return out, lse
 
 
-__all__ = ["MlaDenseDecodeFp8", "run_dense_fp8_decode", "get_dense_fp8_decode_fn", "compile_configs"]
+__all__ = ["MlaDenseDecodeFp8", "run_dense_fp8_decode", "dense_launch_args", "get_dense_fp8_decode_fn",
+           "compile_configs"]

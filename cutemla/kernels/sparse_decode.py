@@ -6,9 +6,12 @@ topk_length[i]``; ``attn_sink [h_q]`` scales each head's output by ``exp(lse) / 
 (the returned lse is unchanged). On the device, *any* id outside ``[0, num_blocks * page_size)`` is treated
 like ``-1``: masked, never read (FlashMLA faults on them instead).
 
-One CTA per (64-row head tile, query position, request): grid ``(ceil(h_q / 64), s_q, b)``; no split-KV, so
-each CTA walks all of its row's top-k slots in tiles of 64 and writes ``out`` / ``lse`` directly. h_q may be
-anything (16, 32, 64, 128 are tested); rows past h_q in the last head tile are zero (TMA fill) and not stored.
+One CTA per (64-row head tile, query position, request, split): grid ``(ceil(h_q / 64), s_q, b * num_splits)``.
+With ``num_splits == 1`` (the launcher's choice whenever that grid fills half the SMs) a CTA walks all of its
+row's top-k slots in tiles of 64 and writes ``out`` / ``lse`` (sink applied) directly; otherwise each split
+takes an equal share of the tiles and writes fp32 partials that the existing combine kernel
+(``kernels/combine.py``) merges, after which the launcher applies the sink. h_q may be anything (16, 32, 64,
+128 are tested); rows past h_q in the last head tile are zero (TMA fill) and not stored.
 
 Warp roles (384 threads):
   warpgroup 0  producer. Warp 0 first loads the 64x576 Q tile by TMA. Then each of the 4 warps gathers 16
@@ -23,7 +26,8 @@ Warp roles (384 threads):
                on the stage's "full" mbarrier (PipelineAsync, 2 stages). The slot validity bits go to
                shared memory with the tile. While a tile is dequantised, the next tile's token rows are
                prefetched into L2.
-  warpgroups 1, 2  consumers, as in the dense kernel's one-tile-at-a-time schedule: each computes
+  warpgroups 1, 2  consumers, as in the dense kernel (its one-tile-at-a-time schedule, or with
+               ``pipelined`` its QK^T(n+1)-before-PV(n) schedule): each computes
                S = Q K^T for its own 32 keys (SS WGMMA m64n32k16 over the 9 64-column sub-tiles), masks
                invalid slots to -inf (select), exchanges row maxima through shared memory, runs the base-2
                online softmax (kernels/softmax.py), publishes its bf16 P half to shared memory and
@@ -67,6 +71,7 @@ def consumer_regs(producer_regs: int) -> int:
     assert 128 * producer_regs + 256 * regs <= LAUNCH_REGS * NUM_THREADS
     return regs
 
+
 SMEM_LIMIT = 232448
 LN2 = math.log(2.0)
 LOG2E = math.log2(math.e)
@@ -78,9 +83,10 @@ BARRIER_ROW_SUM = 4
 
 
 class MlaSparseDecodeFp8:
-    """Sparse FP8 decode. Config (compile-time): tokens a producer warp keeps in flight, L2 prefetch."""
+    """Sparse FP8 decode. Config (compile-time): tokens a producer warp keeps in flight, L2 prefetch of the
+    next tile, producer registers (the consumers get the rest), consumer schedule."""
 
-    def __init__(self, tokens_in_flight: int = 4, l2_prefetch: bool = True, producer_regs: int = 72,
+    def __init__(self, tokens_in_flight: int = 4, l2_prefetch: bool = True, producer_regs: int = 88,
                  pipelined: bool = False, kv_stages: int = 2):
         assert TOKENS_PER_WARP % tokens_in_flight == 0
         # pipelined: QK^T of tile n+1 is issued before PV of tile n, so the softmax of n+1 runs while the
@@ -576,7 +582,7 @@ def _fake_args():
             Int32(1))
 
 
-def compile_sparse_decode(tokens_in_flight: int = 4, l2_prefetch: bool = True, producer_regs: int = 72,
+def compile_sparse_decode(tokens_in_flight: int = 4, l2_prefetch: bool = True, producer_regs: int = 88,
                           pipelined: bool = False, options: str | None = None):
     """Compile (uncached) one sparse FP8 decode variant. Use `get_sparse_decode_fn` to call it."""
     from .jit import COMPILE_OPTIONS, fake_stream
@@ -661,25 +667,14 @@ def _split_prefix(b: int, num_splits: int, device):
     return t
 
 
-def run_sparse_fp8_decode(q, k_cache, indices, softmax_scale, attn_sink=None, topk_length=None,
-                          num_splits: int | None = None, config: str = DEFAULT_CONFIG):
-    """Sparse top-k decode over the FP8 cache on the current stream. Inputs must already be validated.
-
-    q [b, s_q, h_q, 576] bf16; k_cache [num_blocks, page, 1, 656] uint8/int8/float8_e4m3fn bytes with
-    stride(1) == 656; indices [b, s_q, topk] int32; attn_sink [h_q] fp32 or None; topk_length [b] int32 or
-    None. num_splits: CTAs per row (None: `choose_num_splits`); above 1 the rows' tiles are split and merged
-    by the combine kernel, then the sink factor is applied by torch (one more bf16 rounding of out).
-    Returns (out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32: a transposed view of a [b, s_q, h_q]
-    buffer, as FlashMLA returns it). No host sync, no data-dependent allocation (CUDA-graph capturable).
-    """
+def sparse_launch_args(q, k_cache, indices, softmax_scale, attn_sink, topk_length, num_splits: int):
+    """The compiled kernel's arguments, in order: inputs in the layouts its fake tensors declare (q made
+    TMA-ready, the cache as uint8, indices with a unit last stride, dummies for absent inputs) and fresh
+    outputs (out, lse [b, s_q, h_q], split partials or dummies). Any device (the CPU tests check it)."""
     from . import _tma_ready
-    from .combine import launch_combine
 
     b, s_q, h_q, _ = q.shape
-    topk = indices.shape[2]
     device = q.device
-    if num_splits is None:
-        num_splits = choose_num_splits(b, s_q, h_q, topk, _device_num_sms(device))
     if not (1 <= num_splits and b * num_splits <= MAX_GRID_Z):
         raise ValueError(f"num_splits must be >= 1 with b * num_splits <= {MAX_GRID_Z}, got {num_splits}")
     out = torch.empty(b, s_q, h_q, D_V, dtype=torch.bfloat16, device=device)
@@ -694,19 +689,38 @@ def run_sparse_fp8_decode(q, k_cache, indices, softmax_scale, attn_sink=None, to
         k_cache = k_cache.view(torch.uint8)
     if indices.stride(-1) != 1:
         indices = indices.contiguous()
-    q = _tma_ready(q, "q", copy_ok=True)
+    return (_tma_ready(q, "q", copy_ok=True), k_cache, indices,
+            topk_length if topk_length is not None else _dummy(device, torch.int32),
+            attn_sink if attn_sink is not None else _dummy(device, torch.float32),
+            out, lse, o_accum, lse_accum, float(softmax_scale) * LOG2E, int(topk_length is not None),
+            int(attn_sink is not None), int(num_splits))
+
+
+def run_sparse_fp8_decode(q, k_cache, indices, softmax_scale, attn_sink=None, topk_length=None,
+                          num_splits: int | None = None, config: str = DEFAULT_CONFIG):
+    """Sparse top-k decode over the FP8 cache on the current stream. Inputs must already be validated.
+
+    q [b, s_q, h_q, 576] bf16; k_cache [num_blocks, page, 1, 656] uint8/int8/float8_e4m3fn bytes with
+    stride(1) == 656; indices [b, s_q, topk] int32; attn_sink [h_q] fp32 or None; topk_length [b] int32 or
+    None. num_splits: CTAs per row (None: `choose_num_splits`); above 1 the rows' tiles are split and merged
+    by the combine kernel, then the sink factor is applied by torch (one more bf16 rounding of out).
+    Returns (out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32: a transposed view of a [b, s_q, h_q]
+    buffer, as FlashMLA returns it). No host sync, no data-dependent allocation (CUDA-graph capturable).
+    """
+    from .combine import launch_combine
+
+    b, s_q, h_q, _ = q.shape
+    device = q.device
+    if num_splits is None:
+        num_splits = choose_num_splits(b, s_q, h_q, indices.shape[2], _device_num_sms(device))
+    args = sparse_launch_args(q, k_cache, indices, softmax_scale, attn_sink, topk_length, num_splits)
+    out, lse, o_accum, lse_accum = args[5:9]
     fn = get_sparse_decode_fn(config)
-    has_topk_length = topk_length is not None
-    has_sink = attn_sink is not None
     with torch.cuda.device(device):
-        fn(q, k_cache, indices,
-           topk_length if has_topk_length else _dummy(device, torch.int32),
-           attn_sink if has_sink else _dummy(device, torch.float32),
-           out, lse, o_accum, lse_accum, float(softmax_scale) * LOG2E, int(has_topk_length), int(has_sink),
-           int(num_splits))
+        fn(*args)
         if num_splits > 1:
             launch_combine(o_accum, lse_accum, _split_prefix(b, num_splits, device), out, lse.transpose(1, 2))
-            if has_sink:
+            if attn_sink is not None:
                 # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink); NaN (inf - inf, an empty row with a
                 # +inf sink) -> 0, and empty rows are 0 anyway.
                 factor = torch.sigmoid(lse - attn_sink.view(1, 1, h_q)).nan_to_num_(0.0)
