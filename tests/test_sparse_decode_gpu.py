@@ -7,8 +7,9 @@ inputs, all-invalid rows, and out-of-range ids (masked on the device, never read
 valid slot names is poisoned with 0xFF bytes (NaN in all fields), so a kernel that reads one fails.
 
 Tolerances: out abs 1e-3 (FlashMLA's sparse test) or rel 2.01/128, cosine diff 5e-6; lse FlashMLA's dense ones.
-One kernel variant is compiled (~15 s on first use, then the disk cache); the whole file should take well
-under 2 minutes on an H100:  python -m pytest -q -m gpu tests/test_sparse_decode_gpu.py
+Three kernel variants are compiled (sparse_fp8, sparse_fp8_pipelined, sparse_fp8_u8: ~15 s each on first use,
+then the disk cache) plus the combine; the whole file should take about a minute on an H100:
+    python -m pytest -q -m gpu tests/test_sparse_decode_gpu.py
 """
 import dataclasses
 import math
@@ -181,6 +182,11 @@ PIPELINED = [CASES[1], CASES[4], CASES[7], CASES[9], CASES[10], CASES[12], CASES
 def test_pipelined_schedule(case):
     run_case(case, config="sparse_fp8_pipelined")
     run_case(case, num_splits=3, config="sparse_fp8_pipelined")
+
+
+@pytest.mark.parametrize("case", [CASES[4], CASES[13]], ids=str)
+def test_eight_tokens_in_flight(case):
+    run_case(case, config="sparse_fp8_u8")
 
 
 def test_all_invalid_gives_zero_and_inf(kernel_backend):

@@ -18,7 +18,7 @@ GATHER_MARKERS = {
 
 # (module, config): the sparse kernel and the dense-FP8 kernel built from the same pieces.
 CONFIGS = [("sparse_decode", c) for c in ("sparse_fp8", "sparse_fp8_pipelined", "sparse_fp8_noprefetch",
-                                          "sparse_fp8_u2")] + \
+                                          "sparse_fp8_u2", "sparse_fp8_u8")] + \
           [("dense_fp8_decode", c) for c in ("dense_fp8", "dense_fp8_noprefetch")]
 
 
@@ -43,10 +43,11 @@ def test_sparse_compiles_to_hopper_design(sparse_report):
     # Q is the only TMA load (9 boxes of 64 columns); the cache is gathered with vector loads.
     assert ptx["tma_load"] == 9
     assert ptx["setmaxnreg"] == 2
-    # Per producer warp and 64-slot tile: 16 tokens x (NoPE + scale + RoPE) loads, each a 16-byte vector for
-    # the NoPE and RoPE parts (the 4-byte scale is a scalar load); 16 x 8 e4m3x2 converts; 16 x 3 stores.
-    assert ptx["ld_global_v4"] == 32
-    assert ptx["st_shared_v4"] == 48
+    # Per producer warp and 64-slot tile: 16 tokens x (NoPE + scale + RoPE) loads, the NoPE one a 16-byte
+    # vector per lane (scale and RoPE pair: 4 bytes per lane); 16 x 8 e4m3x2 converts; 16 x 2 16-byte stores
+    # of dequantised NoPE (+ 16 4-byte RoPE stores).
+    assert ptx["ld_global_v4"] == 16
+    assert ptx["st_shared_v4"] == 32
     assert ptx["cvt_e4m3x2"] == 128
     assert ptx["fence_proxy_async"] >= 1  # generic smem stores -> async proxy (WGMMA) before the arrive
     assert ptx["vote_ballot"] == 1

@@ -16,9 +16,9 @@ takes an equal share of the tiles and writes fp32 partials that the existing com
 Warp roles (384 threads):
   warpgroup 0  producer. Warp 0 first loads the 64x576 Q tile by TMA. Then each of the 4 warps gathers 16
                of the tile's 64 tokens: lanes 0-15 read the 16 slot indices (one coalesced load), a ballot
-               makes the validity mask, and for each token the warp reads its 656 bytes with 16-byte
-               vector loads (lane l: NoPE bytes [16l, 16l+16), the fp32 scale of tile l // 8; lanes 0-7:
-               16 bytes of RoPE). The e4m3 values are dequantised in registers exactly like FlashMLA
+               makes the validity mask, and for each token the warp reads its 656 bytes with three
+               coalesced loads (lane l: NoPE bytes [16l, 16l+16) as one 16-byte vector, the fp32 scale of
+               tile l // 8, RoPE bf16 pair l). The e4m3 values are dequantised in registers exactly like FlashMLA
                (fp8 -> fp32, times bf16(scale), rounded to bf16: ``layouts/fp8_cache.dequantize_fp8_cache``)
                and stored into a bf16 K tile in shared memory in the dense kernel's 128B-swizzled layout.
                Invalid tokens are written as zeros (their logits are masked anyway; zero V keeps NaN out).
@@ -292,7 +292,7 @@ class MlaSparseDecodeFp8:
         U = self.tokens_in_flight
         nope = cute.make_rmem_tensor((16, U), Uint8)
         scale = cute.make_rmem_tensor((4, U), Uint8)
-        rope = cute.make_rmem_tensor((16, U), Uint8)
+        rope = cute.make_rmem_tensor((4, U), Uint8)
         nope.fill(0)
         scale.fill(0)
         rope.fill(0)
@@ -304,9 +304,8 @@ class MlaSparseDecodeFp8:
                 row = mKV[None, tok - page * page_size, page]
                 cute.autovec_copy(cute.local_tile(row, (16,), (lane,)), nope[None, u])
                 cute.autovec_copy(cute.local_tile(row, (4,), (FP8_NOPE_DIM // 4 + lane // 8,)), scale[None, u])
-                if lane < 8:
-                    cute.autovec_copy(cute.local_tile(row, (16,), ((FP8_NOPE_DIM + 16) // 16 + lane,)),
-                                      rope[None, u])
+                # RoPE: 64 bf16 = 128 bytes, one bf16 pair per lane (one register per token, not four).
+                cute.autovec_copy(cute.local_tile(row, (4,), ((FP8_NOPE_DIM + 16) // 4 + lane,)), rope[None, u])
         for u in cutlass.range_constexpr(U):
             r = warp * TOKENS_PER_WARP + j0 + u
             s = cute.recast_tensor(scale[None, u], Float32)[0]
@@ -318,9 +317,8 @@ class MlaSparseDecodeFp8:
             k_frag.store((x * s_bf16).to(self.dtype))
             k_row = sK[r, None, stage]
             cute.autovec_copy(k_frag, cute.local_tile(k_row, (16,), (lane,)))
-            if lane < 8:
-                cute.autovec_copy(cute.recast_tensor(rope[None, u], self.dtype),
-                                  cute.local_tile(k_row, (8,), (FP8_NOPE_DIM // 8 + lane,)))
+            cute.autovec_copy(cute.recast_tensor(rope[None, u], self.dtype),
+                              cute.local_tile(k_row, (2,), (FP8_NOPE_DIM // 2 + lane,)))
 
     # ------------------------------------------------------------------------------------------------------
     # Consumers
@@ -591,14 +589,16 @@ def compile_sparse_decode(tokens_in_flight: int = 4, l2_prefetch: bool = True, p
     return cute.compile(kernel, *_fake_args(), fake_stream(), options=options or COMPILE_OPTIONS)
 
 
-# (tokens in flight per producer warp, L2 prefetch of the next tile, producer registers). All compile with 0
-# spills: 4 tokens in flight need about 80 producer registers, which leaves the consumers 208 (enough); 8 tokens
-# in flight need more than the consumers can give up, so they spill either way.
+# (tokens in flight per producer warp, L2 prefetch of the next tile, producer registers[, pipelined]). The
+# consumers get the rest of the register file (208 here; they need about that). All compile with 0 spills
+# (tests/test_sparse_kernel_compile.py); ptxas is not monotonic in the budget (4 tokens spill 4 bytes at 88).
+# Which is fastest is unmeasured: A/B them with perf/sparse_fp8.py --configs.
 CONFIGS = {
-    "sparse_fp8": (4, True, 88),
-    "sparse_fp8_pipelined": (4, True, 88, True),
-    "sparse_fp8_noprefetch": (4, False, 88),
+    "sparse_fp8": (4, True, 80),
+    "sparse_fp8_pipelined": (4, True, 80, True),
+    "sparse_fp8_noprefetch": (4, False, 80),
     "sparse_fp8_u2": (2, True, 72),
+    "sparse_fp8_u8": (8, True, 88),
 }
 DEFAULT_CONFIG = "sparse_fp8"
 
