@@ -66,14 +66,14 @@ def validate_sparse_inputs(q, k_cache, indices, head_dim_v, causal, attn_sink, t
         _tensor("attn_sink", attn_sink)
         if attn_sink.dtype != torch.float32:
             raise TypeError(f"attn_sink must be torch.float32, got {attn_sink.dtype}")
-        if attn_sink.shape != (h_q,) or not attn_sink.is_contiguous():
-            raise ValueError(f"attn_sink must be a contiguous [h_q={h_q}] tensor, got shape {tuple(attn_sink.shape)}")
+        if attn_sink.shape != (h_q,):
+            raise ValueError(f"attn_sink must be [h_q={h_q}], got shape {tuple(attn_sink.shape)}")
     if topk_length is not None:
         _tensor("topk_length", topk_length)
         if topk_length.dtype != torch.int32:
             raise TypeError(f"topk_length must be torch.int32, got {topk_length.dtype}")
-        if topk_length.shape != (b,) or not topk_length.is_contiguous():
-            raise ValueError(f"topk_length must be a contiguous [b={b}] tensor, got shape {tuple(topk_length.shape)}")
+        if topk_length.shape != (b,):
+            raise ValueError(f"topk_length must be [b={b}], got shape {tuple(topk_length.shape)}")
     devices = {t.device for t in (q, k_cache, indices, attn_sink, topk_length) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"q, k_cache, indices, attn_sink and topk_length must be on one device, got "
@@ -185,7 +185,7 @@ def validate_dense_fp8_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v
     if block_table.dtype != torch.int32 or cache_seqlens.dtype != torch.int32:
         raise TypeError(f"block_table and cache_seqlens must be torch.int32, got {block_table.dtype} and "
                         f"{cache_seqlens.dtype}")
-    if block_table.dim() != 2 or block_table.shape[0] != b or block_table.stride(-1) != 1:
+    if block_table.dim() != 2 or block_table.shape[0] != b or (block_table.shape[1] > 1 and block_table.stride(1) != 1):
         raise ValueError(f"block_table must be [b={b}, max_blocks] with a contiguous last dim, got shape "
                          f"{tuple(block_table.shape)}")
     if cache_seqlens.shape != (b,) or not cache_seqlens.is_contiguous():

@@ -54,13 +54,16 @@ def _sparse_inputs(b, s_q, h_q, topk, noncontig=False):
     (2, 1, 64, 128, 1, False, False, False),
     (1, 2, 16, 100, 3, True, True, True),
     (3, 1, 128, 2048, 1, True, False, False),
+    (3, 2, 32, 256, 2, True, True, True),
 ])
 def test_sparse_launch_args_fit_the_compiled_signature(b, s_q, h_q, topk, splits, sink, lengths, noncontig):
     with torch.device("cpu"):
         q, cache, indices = _sparse_inputs(b, s_q, h_q, topk, noncontig)
+        step = 2 if noncontig else 1  # strided sink / topk_length are made contiguous
+        sink_t = torch.zeros(h_q * step)[::step] if sink else None
+        lengths_t = torch.full((b * step,), topk, dtype=torch.int32)[::step] if lengths else None
         args = sparse_decode.sparse_launch_args(
-            q, cache.view(torch.float8_e4m3fn), indices, 576 ** -0.5, torch.zeros(h_q) if sink else None,
-            torch.full((b,), topk, dtype=torch.int32) if lengths else None, splits)
+            q, cache.view(torch.float8_e4m3fn), indices, 576 ** -0.5, sink_t, lengths_t, splits)
     check_against_fakes(sparse_decode._fake_args(), args)
     assert args[-1] == splits and math.isclose(args[9], 576 ** -0.5 * math.log2(math.e))
     if splits > 1:

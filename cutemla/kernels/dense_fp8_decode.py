@@ -304,6 +304,11 @@ def dense_launch_args(q, k_cache, block_table, cache_seqlens, tile_scheduler_met
     lse_accum = torch.empty(b + num_parts, 1, rows, dtype=torch.float32, device=device)
     if k_cache.dtype != torch.uint8:
         k_cache = k_cache.view(torch.uint8)
+    # Unit last strides, as compiled (clone: .contiguous() keeps any stride of a size-1 dim).
+    if block_table.stride(-1) != 1:
+        block_table = block_table.clone(memory_format=torch.contiguous_format)
+    if cache_seqlens.stride(0) != 1:
+        cache_seqlens = cache_seqlens.clone(memory_format=torch.contiguous_format)
     return (_tma_ready(fold_q(q, 1), "q", copy_ok=True), k_cache, block_table, cache_seqlens,
             tile_scheduler_metadata, num_splits, out, lse, o_accum, lse_accum, float(softmax_scale) * LOG2E,
             int(bool(causal) and s_q > 1))

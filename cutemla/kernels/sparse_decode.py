@@ -687,8 +687,13 @@ def sparse_launch_args(q, k_cache, indices, softmax_scale, attn_sink, topk_lengt
         lse_accum = _dummy(device, torch.float32, (1, 1, 1))
     if k_cache.dtype != torch.uint8:
         k_cache = k_cache.view(torch.uint8)
+    # A unit last stride, as compiled (clone: .contiguous() keeps any stride of a size-1 dim).
     if indices.stride(-1) != 1:
-        indices = indices.contiguous()
+        indices = indices.clone(memory_format=torch.contiguous_format)
+    if topk_length is not None and topk_length.stride(0) != 1:
+        topk_length = topk_length.clone(memory_format=torch.contiguous_format)
+    if attn_sink is not None and attn_sink.stride(0) != 1:
+        attn_sink = attn_sink.clone(memory_format=torch.contiguous_format)
     return (_tma_ready(q, "q", copy_ok=True), k_cache, indices,
             topk_length if topk_length is not None else _dummy(device, torch.int32),
             attn_sink if attn_sink is not None else _dummy(device, torch.float32),
@@ -723,6 +728,6 @@ def run_sparse_fp8_decode(q, k_cache, indices, softmax_scale, attn_sink=None, to
             if attn_sink is not None:
                 # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink); NaN (inf - inf, an empty row with a
                 # +inf sink) -> 0, and empty rows are 0 anyway.
-                factor = torch.sigmoid(lse - attn_sink.view(1, 1, h_q)).nan_to_num_(0.0)
+                factor = torch.sigmoid(lse - attn_sink.reshape(1, 1, h_q)).nan_to_num_(0.0)
                 out.mul_(factor.unsqueeze(-1))
     return out, lse.transpose(1, 2)
