@@ -12,7 +12,7 @@ pytest.importorskip("cutlass")
 
 from cutlass.cute.typing import SymInt  # noqa: E402
 
-from cutemla.kernels import dense_fp8_decode, sparse_decode  # noqa: E402
+from cutemla.kernels import dense_fp8_decode, sparse_combine, sparse_decode  # noqa: E402
 
 _DTYPES = {"BFloat16": torch.bfloat16, "Uint8": torch.uint8, "Int32": torch.int32, "Float32": torch.float32}
 
@@ -68,6 +68,8 @@ def test_sparse_launch_args_fit_the_compiled_signature(b, s_q, h_q, topk, splits
     assert args[-1] == splits and math.isclose(args[9], 576 ** -0.5 * math.log2(math.e))
     if splits > 1:
         assert args[7].shape == (b * splits, 1, s_q * h_q, 512)
+        # What the launcher hands the split combine: partials, sink (or dummy), out, lse, flag.
+        check_against_fakes(sparse_combine._fake_args(), (args[7], args[8], args[4], args[5], args[6], args[11]))
 
 
 @pytest.mark.parametrize("b,s_q,h_q,causal", [(2, 1, 64, False), (3, 2, 16, True), (1, 4, 128, True)])

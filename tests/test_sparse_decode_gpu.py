@@ -160,7 +160,7 @@ def test_sparse_decode_matches_reference(kernel_backend, case):
 
 
 # On 132 SMs the API picks 1 split for most CASES and 2-8 for the topk 576-2048 ones; force both paths on
-# the features that interact with splitting (sink after the combine, topk_length emptying whole splits).
+# the features that interact with splitting (sink applied in the split combine, topk_length emptying splits).
 FORCED = [
     (SparseCase(b=5, s_q=2, h_q=64, topk=256, topk_length=True, seed=1), 3),
     (SparseCase(b=3, s_q=2, h_q=128, topk=200, topk_length=True, seed=2), 4),

@@ -60,3 +60,9 @@ def test_sparse_has_no_spills_or_serialisation(sparse_report):
     assert report["stack_bytes"] == 0
     assert report["ptx"]["local_memory"] == 0
     assert not set(report["ptxas_warnings"]) & {"C7508", "C7510", "C7519"}, report["ptxas_warnings"]
+
+
+def test_sparse_combine_compiles_without_spills():
+    report = ptx_report.run_report("cutemla.kernels.sparse_combine", "sparse_combine")
+    assert report["kernels"] == 1 and report["ptx"]["target_sm90a"] == 1
+    assert report["spill_bytes"] == 0 and report["stack_bytes"] == 0 and report["ptx"]["local_memory"] == 0

@@ -9,8 +9,8 @@ like ``-1``: masked, never read (FlashMLA faults on them instead).
 One CTA per (64-row head tile, query position, request, split): grid ``(ceil(h_q / 64), s_q, b * num_splits)``.
 With ``num_splits == 1`` (the launcher's choice whenever that grid fills half the SMs) a CTA walks all of its
 row's top-k slots in tiles of 64 and writes ``out`` / ``lse`` (sink applied) directly; otherwise each split
-takes an equal share of the tiles and writes fp32 partials that the existing combine kernel
-(``kernels/combine.py``) merges, after which the launcher applies the sink. h_q may be anything (16, 32, 64,
+takes an equal share of the tiles and writes fp32 partials that ``kernels/sparse_combine.py`` merges (sink
+applied there, before the one rounding to bf16). h_q may be anything (16, 32, 64,
 128 are tested); rows past h_q in the last head tile are zero (TMA fill) and not stored.
 
 Warp roles (384 threads):
@@ -111,7 +111,7 @@ class MlaSparseDecodeFp8:
         mSink [>= h_q] fp32 (read only if has_sink), mOut [b, s_q, h_q, 512] bf16, mLse [b, s_q, h_q] fp32.
         num_splits > 1 splits every row's tiles over that many CTAs, which write fp32 partials
         mOAccum [b * num_splits, 1, s_q * h_q, 512] (O / L) and mLseAccum [b * num_splits, 1, s_q * h_q]
-        (base-2 lse) for the combine kernel instead of out / lse (the sink is then applied after it).
+        (base-2 lse) for sparse_combine.py instead of out / lse (which applies the sink).
         """
         # Q as (h_q, d, s_q, b) for TMA; the cache as (656 bytes, page, num_blocks).
         mQ_t = cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[2, 3, 1, 0]))
@@ -647,7 +647,6 @@ def choose_num_splits(b: int, s_q: int, h_q: int, topk: int, num_sms: int) -> in
 
 
 _num_sms: dict = {}
-_split_prefixes: dict = {}
 
 
 def _device_num_sms(device) -> int:
@@ -655,16 +654,6 @@ def _device_num_sms(device) -> int:
     if key not in _num_sms:
         _num_sms[key] = torch.cuda.get_device_properties(device).multi_processor_count
     return _num_sms[key]
-
-
-def _split_prefix(b: int, num_splits: int, device):
-    """num_splits [b + 1] for the combine: request i owns partial rows [i * n, (i + 1) * n). Cached."""
-    key = (b, num_splits, str(device))
-    t = _split_prefixes.get(key)
-    if t is None:
-        t = _split_prefixes[key] = torch.arange(0, (b + 1) * num_splits, num_splits, dtype=torch.int32,
-                                                device=device)
-    return t
 
 
 def sparse_launch_args(q, k_cache, indices, softmax_scale, attn_sink, topk_length, num_splits: int):
@@ -708,26 +697,21 @@ def run_sparse_fp8_decode(q, k_cache, indices, softmax_scale, attn_sink=None, to
     q [b, s_q, h_q, 576] bf16; k_cache [num_blocks, page, 1, 656] uint8/int8/float8_e4m3fn bytes with
     stride(1) == 656; indices [b, s_q, topk] int32; attn_sink [h_q] fp32 or None; topk_length [b] int32 or
     None. num_splits: CTAs per row (None: `choose_num_splits`); above 1 the rows' tiles are split and merged
-    by the combine kernel, then the sink factor is applied by torch (one more bf16 rounding of out).
+    by `sparse_combine.py` (which applies the sink).
     Returns (out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32: a transposed view of a [b, s_q, h_q]
     buffer, as FlashMLA returns it). No host sync, no data-dependent allocation (CUDA-graph capturable).
     """
-    from .combine import launch_combine
+    from .sparse_combine import launch_sparse_combine
 
     b, s_q, h_q, _ = q.shape
     device = q.device
     if num_splits is None:
         num_splits = choose_num_splits(b, s_q, h_q, indices.shape[2], _device_num_sms(device))
     args = sparse_launch_args(q, k_cache, indices, softmax_scale, attn_sink, topk_length, num_splits)
-    out, lse, o_accum, lse_accum = args[5:9]
+    sink, out, lse, o_accum, lse_accum, has_sink = args[4], args[5], args[6], args[7], args[8], args[11]
     fn = get_sparse_decode_fn(config)
     with torch.cuda.device(device):
         fn(*args)
-        if num_splits > 1:
-            launch_combine(o_accum, lse_accum, _split_prefix(b, num_splits, device), out, lse.transpose(1, 2))
-            if attn_sink is not None:
-                # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink); NaN (inf - inf, an empty row with a
-                # +inf sink) -> 0, and empty rows are 0 anyway.
-                factor = torch.sigmoid(lse - attn_sink.reshape(1, 1, h_q)).nan_to_num_(0.0)
-                out.mul_(factor.unsqueeze(-1))
+        if num_splits > 1:  # merge the splits, sink applied in fp32 before the one rounding to bf16
+            launch_sparse_combine(o_accum, lse_accum, sink, out, lse, has_sink)
     return out, lse.transpose(1, 2)
