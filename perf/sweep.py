@@ -26,6 +26,7 @@ import datetime as _dt
 import gc
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -238,62 +239,67 @@ def run_sweep(cases: Iterable, options: Optional[SweepOptions] = None) -> "objec
     bar = tqdm(total=len(labelled) * len(providers), disable=not options.progress, unit="run", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="cutemla: CuTe DSL kernel unavailable")
-        for preset, case in labelled:
-            run_case = case.shrunk() if common["dry_run"] else case
-            data = reference_out = None
-            case_rows = []
-            for provider in providers:
-                bar.set_description(f"{case.spec} {provider.name}")
-                row = dict(common, provider=provider.name, case=case.spec, preset=preset)
-                if not provider.needs_inputs:
-                    row.update(_baseline_row(provider, case))
-                    rows.append(row)  # its own device: no clock columns
+        try:
+            for preset, case in labelled:
+                run_case = case.shrunk() if common["dry_run"] else case
+                data = reference_out = None
+                case_rows = []
+                for provider in providers:
+                    bar.set_description(f"{case.spec} {provider.name}")
+                    row = dict(common, provider=provider.name, case=case.spec, preset=preset)
+                    if not provider.needs_inputs:
+                        row.update(_baseline_row(provider, case))
+                        rows.append(row)  # its own device: no clock columns
+                        bar.update()
+                        continue
+                    row.update(device=info.name, num_sms=info.num_sms, b=run_case.b, s_q=run_case.s_q, s_k=run_case.s_k,
+                               h_q=run_case.h_q, h_kv=run_case.h_kv, d=run_case.d, dv=512, dtype=run_case.dtype,
+                               causal=int(run_case.causal), varlen=int(run_case.varlen), zero_frac=run_case.zero_frac,
+                               peak_tflops=info.peaks.flops_per_s / 1e12, peak_gbps=info.peaks.hbm_bytes_per_s / 1e9,
+                               peak_source=info.peaks.label)
+                    try:
+                        reason = provider.skip_reason(run_case, limits)
+                        if reason:
+                            row["status"] = reason
+                        else:
+                            if data is None:
+                                from cutemla.testing import make_decode_inputs
+
+                                data = make_decode_inputs(run_case.decode_case(), device,
+                                                          generate_on_device=device.type == "cuda")
+                                if options.check and run_case.b * run_case.s_k <= options.reference_max_tokens:
+                                    from cutemla.reference import mla_decode_reference
+
+                                    reference_out = mla_decode_reference(
+                                        data.q, data.kcache, data.block_table, data.cache_seqlens, 512, None,
+                                        run_case.causal)[0].float()
+                            row["mean_sk"] = float(data.cache_seqlens.double().mean())
+                            row.update(_run_provider(provider, run_case, data, info, options, limits, reference_out,
+                                                     compile_times))
+                    except Exception as exc:
+                        if options.fail_fast:
+                            raise
+                        row["status"] = _error_status(exc)
+                        if info.is_cuda:
+                            with contextlib.suppress(Exception):
+                                torch.cuda.synchronize()
+                    rows.append(row)
+                    case_rows.append(row)
+                    if info.is_cuda:  # free this provider's copies before the next one allocates
+                        gc.collect()
+                        torch.cuda.empty_cache()
                     bar.update()
-                    continue
-                row.update(device=info.name, num_sms=info.num_sms, b=run_case.b, s_q=run_case.s_q, s_k=run_case.s_k,
-                           h_q=run_case.h_q, h_kv=run_case.h_kv, d=run_case.d, dv=512, dtype=run_case.dtype,
-                           causal=int(run_case.causal), varlen=int(run_case.varlen), zero_frac=run_case.zero_frac,
-                           peak_tflops=info.peaks.flops_per_s / 1e12, peak_gbps=info.peaks.hbm_bytes_per_s / 1e9,
-                           peak_source=info.peaks.label)
-                try:
-                    reason = provider.skip_reason(run_case, limits)
-                    if reason:
-                        row["status"] = reason
-                    else:
-                        if data is None:
-                            from cutemla.testing import make_decode_inputs
-
-                            data = make_decode_inputs(run_case.decode_case(), device,
-                                                      generate_on_device=device.type == "cuda")
-                            if options.check and run_case.b * run_case.s_k <= options.reference_max_tokens:
-                                from cutemla.reference import mla_decode_reference
-
-                                reference_out = mla_decode_reference(
-                                    data.q, data.kcache, data.block_table, data.cache_seqlens, 512, None,
-                                    run_case.causal)[0].float()
-                        row["mean_sk"] = float(data.cache_seqlens.double().mean())
-                        row.update(_run_provider(provider, run_case, data, info, options, limits, reference_out,
-                                                 compile_times))
-                except Exception as exc:
-                    if options.fail_fast:
-                        raise
-                    row["status"] = _error_status(exc)
-                    if info.is_cuda:
-                        with contextlib.suppress(Exception):
-                            torch.cuda.synchronize()
-                rows.append(row)
-                case_rows.append(row)
-                if info.is_cuda:  # free this provider's copies before the next one allocates
+                clocks = read_clocks(info)
+                for row in case_rows:
+                    row.update(clocks)
+                del data, reference_out
+                if info.is_cuda:
                     gc.collect()
                     torch.cuda.empty_cache()
-                bar.update()
-            clocks = read_clocks(info)
-            for row in case_rows:
-                row.update(clocks)
-            del data, reference_out
-            if info.is_cuda:
-                gc.collect()
-                torch.cuda.empty_cache()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (e.g. `timeout`): keep the finished cases
+            rows = [row for row in rows if row["case"] != case.spec]  # drop the unfinished case
+            print(f"sweep interrupted at {case.spec}; writing the {len(rows)} rows before it",
+                  file=sys.stderr)
     bar.close()
     return to_frame(rows)
 
@@ -350,8 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # `timeout` sends SIGTERM: stop after the current provider and still write the finished cases.
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     if args.list:
         print(_describe())
         return 0

@@ -18,7 +18,9 @@ The `schedule` compile-time option picks the consumer loop:
               tensor cores do PV(n) (FA3-style intra-warpgroup overlap). The default.
   "split_s"   one tile at a time: QK^T, softmax, PV. Simpler; kept as the reference schedule.
 (A third, "mirrored" -- both warpgroups computing the full S, P kept in registers -- was slower in
-every measured case and is gone; see perf/README.md.)
+every measured case and is gone; see perf/README.md.) The default for 576-column heads is the
+"seesaw" of kernels/seesaw.py, a subclass of this kernel in which the warpgroups take turns scoring
+whole tiles; these two remain for 512-column heads and as references.
 
 Outputs: a request that the scheduler did not split writes out/lse directly; a split request writes
 fp32 O/L and the base-2 LSE per split for the combine kernel.
