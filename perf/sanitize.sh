@@ -38,10 +38,17 @@ for tool in $TOOLS; do
     esac
     for name in $CASES; do
         log="$OUT/sanitize-$tool-$name.log"
-        timeout -s KILL "$STEP_TIMEOUT" "$SANITIZER" --tool "$tool" $extra --print-limit 50 \
+        timeout -s KILL "$STEP_TIMEOUT" "$SANITIZER" --tool "$tool" $extra --print-limit ${PRINT_LIMIT:-400} \
             $DRIVER "$name" > "$log" 2>&1
         rc=$?
+        # memcheck/synccheck print "ERROR SUMMARY: N errors"; racecheck prints
+        # "RACECHECK SUMMARY: ... (N errors, M warnings)": count its errors and warnings both.
         errors=$(grep -Eo "ERROR SUMMARY: [0-9]+" "$log" | tail -1 | grep -Eo "[0-9]+")
+        if [ -z "$errors" ]; then
+            errors=$(grep -Eo "\([0-9]+ errors?, [0-9]+ warnings?\)" "$log" | tail -1 \
+                     | awk -F'[( ,]+' '{print $2 + $4}')
+            grep -q "RACECHECK SUMMARY: 0 hazards" "$log" && errors=0
+        fi
         [ -z "$errors" ] && errors="?"
         [ "$rc" -eq 137 ] && errors="timeout"
         printf "%-10s %-20s %-6s %s\n" "$tool" "$name" "$rc" "$errors" >> "$summary"
@@ -49,4 +56,6 @@ for tool in $TOOLS; do
     done
 done
 cat "$summary"
+# One archive of every log: a device call returns a limited number of files.
+tar -czf "$OUT/sanitize-logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls sanitize-*.log sanitize-summary.txt) 2>/dev/null
 exit $status

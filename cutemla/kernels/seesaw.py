@@ -345,6 +345,9 @@ class MlaDecodeSeesaw(MlaDecode):
                 sm.mask_scores(acc_S, tidx, n0 * BLOCK_N, border0, border1)
             block_max = sm.block_row_max(acc_S)
             factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
+            # The quad's other lanes read these words in step 3 of the previous pair: converge the
+            # warp before its leader overwrites them (a warp-level WAR under racecheck).
+            cute.arch.sync_warp()
             if quad_leader:
                 for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                     sRowMax[tile_row + 8 * r] = row_max[r]
@@ -429,6 +432,7 @@ class MlaDecodeSeesaw(MlaDecode):
                 factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
                 rescale[0] = factors[0]
                 rescale[1] = factors[1]
+            cute.arch.sync_warp()  # every lane has read m0 before the leader writes m1 over it
             if quad_leader:
                 for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                     sRowMax[tile_row + 8 * r] = row_max[r]
