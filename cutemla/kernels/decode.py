@@ -87,14 +87,7 @@ class MlaDecode:
         dt = self.dtype
         mQ_t, mK_t, mOut_r, mLse_r = self.tma_and_output_views(mQ, mK, mOut, mLse)
         h_kv = mOut.shape[2]
-
-        sQ_layout = row_major_tile(dt, BLOCK_M, self.d_qk)
-        sK_layout = row_major_tile(dt, BLOCK_N, self.d_qk, self.kv_stages)
-        sub_layout = row_major_tile(dt, BLOCK_N, SUBTILE_K)
-        tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), mQ_t, sQ_layout, (BLOCK_M, self.d_qk))
-        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), mK_t, sub_layout, (BLOCK_N, SUBTILE_K))
+        sQ_layout, sK_layout, tma_atom_Q, tma_Q, tma_atom_K, tma_K = self.make_tma_atoms(mQ_t, mK_t)
 
         K_MAJOR, MN_MAJOR = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
         tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
@@ -128,6 +121,17 @@ class MlaDecode:
             tiled_mma_qk, tiled_mma_pv, sQ_layout, sK_layout, sP_layout,
         ).launch(grid=(num_m_blocks, h_kv, mMeta.shape[0]), block=(NUM_THREADS, 1, 1),
                  smem=SharedStorage.size_in_bytes(), stream=stream)
+
+    def make_tma_atoms(self, mQ_t, mK_t):
+        """Q and K-stage smem layouts and their TMA atoms: Q as one (64, d) copy, K as 64x64 boxes."""
+        sQ_layout = row_major_tile(self.dtype, BLOCK_M, self.d_qk)
+        sK_layout = row_major_tile(self.dtype, BLOCK_N, self.d_qk, self.kv_stages)
+        sub_layout = row_major_tile(self.dtype, BLOCK_N, SUBTILE_K)
+        tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mQ_t, sQ_layout, (BLOCK_M, self.d_qk))
+        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mK_t, sub_layout, (BLOCK_N, SUBTILE_K))
+        return sQ_layout, sK_layout, tma_atom_Q, tma_Q, tma_atom_K, tma_K
 
     @staticmethod
     def tma_and_output_views(mQ, mK, mOut, mLse):
@@ -195,46 +199,44 @@ class MlaDecode:
                               m_block, kv_head, part, scale_log2, is_causal, mQ.shape[0])
 
     @cute.jit
-    def block_range(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, part, req, m_block,
-                    is_causal: Int32, g, s_q, rows):
-        """[start, end) of the 64-token blocks this CTA handles for `req`, and the request's seqlen.
-
-        Shared by producer and consumers so their barrier sequences match. Causal trimming drops the
-        blocks no row of this M tile may see (bottom-right alignment).
-        """
-        seqlen = mSeqlens[req]
-        start = Int32(0)
-        end = (seqlen + BLOCK_N - 1) // BLOCK_N
-        if req == mMeta[part, 0]:
-            start = mMeta[part, 2]
-        if req == mMeta[part, 1]:
-            end = min(end, mMeta[part, 3])
+    def row_borders(self, seqlen, m_block, tile_row, g, s_q, is_causal: Int32):
+        """This thread's first row, the key borders of its two rows (keys at or past a border are
+        masked) and the smallest border of the M tile (bottom-right causal alignment)."""
+        row0 = m_block * BLOCK_M + tile_row
+        border0 = seqlen
+        border1 = seqlen
+        tile_border = seqlen
         if is_causal != 0:
-            last_row = min(rows, (m_block + 1) * BLOCK_M) - 1
-            visible = seqlen - (s_q - 1 - last_row // g)
-            end = min(end, (max(visible, 0) + BLOCK_N - 1) // BLOCK_N)
-        return start, end, seqlen
+            border0 = seqlen - (s_q - 1 - row0 // g)
+            border1 = seqlen - (s_q - 1 - (row0 + 8) // g)
+            tile_border = seqlen - (s_q - 1 - (m_block * BLOCK_M) // g)
+        return row0, border0, border1, tile_border
+
+    def k_tma_partition(self, tma_atom_K, mK, sK, kv_head):
+        """(smem, gmem) TMA views of the K sub-tiles: (64x64, subtile, stage) and (.., subtile, page)."""
+        gK = cute.local_tile(mK[None, None, kv_head, None], (BLOCK_N, SUBTILE_K), (0, None, None))
+        sK_tiles = cute.flat_divide(sK, (BLOCK_N, SUBTILE_K))[None, None, 0, None, None]
+        return cpasync.tma_partition(tma_atom_K, 0, cute.make_layout(1),
+                                     cute.group_modes(sK_tiles, 0, 2), cute.group_modes(gK, 0, 2))
+
+    def q_tma_partition(self, tma_atom_Q, mQ, sQ, kv_head, req, m_block):
+        """(smem, gmem) TMA views of request req's 64-row Q tile m_block."""
+        gQ = cute.local_tile(mQ[None, None, kv_head, req], (BLOCK_M, self.d_qk), (m_block, 0))
+        return cpasync.tma_partition(tma_atom_Q, 0, cute.make_layout(1),
+                                     cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2))
 
     @cute.jit
     def producer(self, tma_atom_Q, mQ, tma_atom_K, mK, sQ, sK, mBlockTable, mSeqlens, mMeta,
                  pipe_q, pipe_kv, m_block, kv_head, part, is_causal, g, s_q):
-        # K sub-tiles: gmem (64, 64, num_subtiles, num_blocks) and smem (64, 64, num_subtiles, stages).
-        gK = cute.local_tile(mK[None, None, kv_head, None], (BLOCK_N, SUBTILE_K), (0, None, None))
-        sK_tiles = cute.flat_divide(sK, (BLOCK_N, SUBTILE_K))[None, None, 0, None, None]
-        tKsK, tKgK = cpasync.tma_partition(
-            tma_atom_K, 0, cute.make_layout(1),
-            cute.group_modes(sK_tiles, 0, 2), cute.group_modes(gK, 0, 2))
+        tKsK, tKgK = self.k_tma_partition(tma_atom_K, mK, sK, kv_head)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
         kv_state = pipeline.make_pipeline_state(
             pipeline.PipelineUserType.Producer, self.num_subtiles * self.kv_stages)
         rows = mQ.shape[0]
         for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
-            start, end, seqlen = self.block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
+            start, end, seqlen = request_block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
                                                   g, s_q, rows)
-            gQ = cute.local_tile(mQ[None, None, kv_head, req], (BLOCK_M, self.d_qk), (m_block, 0))
-            tQsQ, tQgQ = cpasync.tma_partition(
-                tma_atom_Q, 0, cute.make_layout(1),
-                cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2))
+            tQsQ, tQgQ = self.q_tma_partition(tma_atom_Q, mQ, sQ, kv_head, req, m_block)
             pipe_q.producer_acquire(q_state)
             cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
             q_state.advance()
@@ -288,17 +290,10 @@ class MlaDecode:
         key_offset = wg * self.qk_cols  # key index of this warpgroup's first score column
 
         for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
-            start, end, seqlen = self.block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
+            start, end, seqlen = request_block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
                                                   g, s_q, rows)
-            row0 = m_block * BLOCK_M + tile_row
-            row1 = row0 + 8
-            border0 = seqlen
-            border1 = seqlen
-            tile_border = seqlen
-            if is_causal != 0:
-                border0 = seqlen - (s_q - 1 - row0 // g)
-                border1 = seqlen - (s_q - 1 - row1 // g)
-                tile_border = seqlen - (s_q - 1 - (m_block * BLOCK_M) // g)
+            row0, border0, border1, tile_border = self.row_borders(seqlen, m_block, tile_row, g, s_q,
+                                                                   is_causal)
 
             acc_O = cute.make_rmem_tensor(thr_pv.partition_shape_C((BLOCK_M, D_V // 2)), Float32)
             acc_O.fill(0.0)
@@ -331,7 +326,7 @@ class MlaDecode:
                     # tile it re-runs QK^T on tile n's resident stage and the result is dropped:
                     # the WGMMA issue stays out of data-dependent branches.
                     self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, pipe_kv, next_blk, has_next)
-                    self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, blk % self.kv_stages)
+                    sm.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, blk % self.kv_stages)
                     warpgroup.wait_group(1)  # QK^T(n+1) done; PV(n) still running
                     if has_next:
                         self.softmax_to_registers(acc_S, rP, rescale, n + 1, tile_border, tidx,
@@ -353,26 +348,16 @@ class MlaDecode:
                                               quad_leader, row_max, row_sum, scale_log2)
                     self.stage_p(acc_O, rP, rescale, tPsP, sK, seqlen, n, wg, tidx,
                                  blk % self.kv_stages)
-                    self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, blk % self.kv_stages)
+                    sm.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, blk % self.kv_stages)
                     warpgroup.wait_group(0)
                     self.release_kv(pipe_kv, blk)
             kv_block = kv_block + max(end - start, 0)
             pipe_q.consumer_release(q_state)
             q_state.advance()
 
-            row_total = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
-            for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
-                row_total[r] = sm.quad_allreduce_sum(row_sum[r])
-            # Each warpgroup summed its own keys. Double-buffered by request parity: the other
-            # warpgroup may still read the previous request's sums.
-            buf = req % 2
-            if quad_leader:
-                sRowSum[tile_row, wg, buf] = row_total[0]
-                sRowSum[tile_row + 8, wg, buf] = row_total[1]
-            cute.arch.barrier(barrier_id=BARRIER_ROW_SUM, number_of_threads=256)
-            row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
-            row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
-
+            # Each warpgroup summed its own keys.
+            row_total = sm.exchange_row_sums(row_sum, sRowSum, tile_row, wg, quad_leader, req % 2,
+                                             BARRIER_ROW_SUM)
             self.epilogue(acc_O, row_max, row_total, tidx, wg, req, kv_head, row0, rows,
                           mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum)
 
@@ -399,16 +384,6 @@ class MlaDecode:
                 kk = t * k_per_subtile + k
                 cute.gemm(mma_qk, acc_S, tSrQ[None, None, kk], tSrK[None, None, kk, stage], acc_S)
                 mma_qk.set(warpgroup.Field.ACCUMULATE, True)
-        warpgroup.commit_group()
-
-    @cute.jit
-    def issue_pv(self, acc_O, tOrP, tOrVt, tiled_mma_pv, stage):
-        """Issue O += P V for this warpgroup's 256 columns and commit it as one WGMMA group."""
-        mma_pv = cute.make_mma_atom(tiled_mma_pv.op)
-        mma_pv.set(warpgroup.Field.ACCUMULATE, True)
-        warpgroup.fence()
-        for k in cutlass.range_constexpr(BLOCK_N // 16):
-            cute.gemm(mma_pv, acc_O, tOrP[None, None, k], tOrVt[None, None, k, stage], acc_O)
         warpgroup.commit_group()
 
     @cute.jit
@@ -472,17 +447,7 @@ class MlaDecode:
     def epilogue(self, acc_O, row_max, row_total, tidx, wg, req, kv_head, row0, rows, mNumSplits,
                  mMeta, part, mOut, mLse, mOAccum, mLseAccum):
         """Normalise O by L; write out/lse, or the fp32 split partials with a base-2 LSE."""
-        inv = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
-        lse2 = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
-        for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
-            total = row_total[r]
-            if total > 0.0:
-                inv[r] = 1.0 / total
-                lse2[r] = row_max[r] + cute.math.log2(total, fastmath=False)
-            else:  # nothing attended (or NaN): out 0, lse -inf as a partial / +inf as a result
-                inv[r] = Float32(0.0)
-                lse2[r] = -Float32.inf
-        sm.rescale_rows(acc_O, inv)
+        lse2 = sm.normalize_rows(acc_O, row_max, row_total)
 
         first_split = mNumSplits[req]
         is_split = mNumSplits[req + 1] - first_split > 1
@@ -511,6 +476,28 @@ class MlaDecode:
                         if lse2[r] != -Float32.inf:
                             lse_nat = lse2[r] * LN2
                         mLse[row, kv_head, req] = lse_nat
+
+@cute.jit
+def request_block_range(mSeqlens: cute.Tensor, mMeta: cute.Tensor, part, req, m_block,
+                        is_causal: Int32, g, s_q, rows):
+    """[start, end) of the 64-token blocks a CTA handles for `req`, and the request's seqlen.
+
+    Shared by producer and consumers so their barrier sequences match. Causal trimming drops the
+    blocks no row of this M tile may see (bottom-right alignment).
+    """
+    seqlen = mSeqlens[req]
+    start = Int32(0)
+    end = (seqlen + BLOCK_N - 1) // BLOCK_N
+    if req == mMeta[part, 0]:
+        start = mMeta[part, 2]
+    if req == mMeta[part, 1]:
+        end = min(end, mMeta[part, 3])
+    if is_causal != 0:
+        last_row = min(rows, (m_block + 1) * BLOCK_M) - 1
+        visible = seqlen - (s_q - 1 - last_row // g)
+        end = min(end, (max(visible, 0) + BLOCK_N - 1) // BLOCK_N)
+    return start, end, seqlen
+
 
 def _fake_args(dtype, d_qk: int):
     """Fake tensors with symbolic sizes: batch, lengths and block counts never trigger a recompile."""

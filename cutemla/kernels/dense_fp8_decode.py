@@ -25,7 +25,8 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from ..layouts.fp8_cache import FP8_BYTES_PER_TOKEN
 from . import softmax as sm
-from .sparse_decode import (BLOCK_M, BLOCK_N, D_QK, D_V, LN2, LOG2E, NUM_THREADS, TOKENS_PER_WARP,
+from .decode import request_block_range
+from .sparse_decode import (BARRIER_ROW_SUM, BLOCK_M, BLOCK_N, D_QK, D_V, LN2, LOG2E, NUM_THREADS, TOKENS_PER_WARP,
                             MlaSparseDecodeFp8)
 
 PAGE_SIZE = 64  # one page = one 64-token tile
@@ -78,24 +79,6 @@ class MlaDenseDecodeFp8(MlaSparseDecodeFp8):
                                     m_block, part, scale_log2, is_causal, mQ.shape[0])
 
     @cute.jit
-    def block_range(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, part, req, m_block, is_causal: Int32,
-                    g, s_q, rows):
-        """[start, end) of the 64-token blocks this CTA handles for `req`, and the request's length (the dense
-        kernel's rule, shared by producer and consumers so their barrier sequences match)."""
-        seqlen = mSeqlens[req]
-        start = Int32(0)
-        end = (seqlen + BLOCK_N - 1) // BLOCK_N
-        if req == mMeta[part, 0]:
-            start = mMeta[part, 2]
-        if req == mMeta[part, 1]:
-            end = cutlass.min(end, mMeta[part, 3])
-        if is_causal != 0:
-            last_row = cutlass.min(rows, (m_block + 1) * BLOCK_M) - 1
-            visible = seqlen - (s_q - 1 - last_row // g)
-            end = cutlass.min(end, (cutlass.max(visible, 0) + BLOCK_N - 1) // BLOCK_N)
-        return start, end, seqlen
-
-    @cute.jit
     def block_tokens(self, mBlockTable, req, n, seqlen, num_blocks, warp, lane):
         """Lane j < 16: the token id of this warp's j-th token of block n and whether it may be read."""
         j = warp * TOKENS_PER_WARP + lane % TOKENS_PER_WARP
@@ -113,7 +96,7 @@ class MlaDenseDecodeFp8(MlaSparseDecodeFp8):
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.kv_stages)
         for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
-            start, end, seqlen = self.block_range(mSeqlens, mMeta, part, req, m_block, is_causal, g, s_q, rows)
+            start, end, seqlen = request_block_range(mSeqlens, mMeta, part, req, m_block, is_causal, g, s_q, rows)
             if warp == 0:  # Q of every request, even one with no block here (the consumers wait on it)
                 gQ = cute.local_tile(mQ[None, None, 0, req], (BLOCK_M, D_QK), (m_block, 0))
                 tQsQ, tQgQ = cpasync.tma_partition(
@@ -156,7 +139,7 @@ class MlaDenseDecodeFp8(MlaSparseDecodeFp8):
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.kv_stages)
         for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
-            start, end, seqlen = self.block_range(mSeqlens, mMeta, part, req, m_block, is_causal, g, s_q, rows)
+            start, end, seqlen = request_block_range(mSeqlens, mMeta, part, req, m_block, is_causal, g, s_q, rows)
             row0 = m_block * BLOCK_M + tile_row
             border0 = seqlen
             border1 = seqlen
@@ -184,7 +167,8 @@ class MlaDenseDecodeFp8(MlaSparseDecodeFp8):
             pipe_q.consumer_release(q_state)  # sQ may take the next request's Q
             q_state.advance()
             # Double-buffered by request parity: the other warpgroup may still read the previous sums.
-            row_total = self.row_totals(row_sum, sRowSum, tile_row, wg, quad_leader, req % 2)
+            row_total = sm.exchange_row_sums(row_sum, sRowSum, tile_row, wg, quad_leader, req % 2,
+                                             BARRIER_ROW_SUM)
             self.dense_epilogue(acc_O, row_max, row_total, tidx, wg, row0, rows, g, req, part, mMeta, mNumSplits,
                                 mOut, mLse, mOAccum, mLseAccum)
 
@@ -192,17 +176,7 @@ class MlaDenseDecodeFp8(MlaSparseDecodeFp8):
     def dense_epilogue(self, acc_O, row_max, row_total, tidx, wg, row0, rows, g, req, part, mMeta, mNumSplits,
                        mOut, mLse, mOAccum, mLseAccum):
         """O / L -> bf16 out and natural lse (+inf when empty); or the split's fp32 O / L and base-2 lse."""
-        inv = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
-        lse2 = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
-        for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
-            total = row_total[r]
-            if total > 0.0:
-                inv[r] = 1.0 / total
-                lse2[r] = row_max[r] + cute.math.log2(total, fastmath=False)
-            else:
-                inv[r] = Float32(0.0)
-                lse2[r] = -Float32.inf
-        sm.rescale_rows(acc_O, inv)
+        lse2 = sm.normalize_rows(acc_O, row_max, row_total)
         first_split = mNumSplits[req]
         is_split = mNumSplits[req + 1] - first_split > 1
         split = first_split

@@ -38,10 +38,10 @@ from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.memory import SmemAllocator
 
-from ..layouts.smem import row_major_tile, v_transposed_view
+from ..layouts.smem import v_transposed_view
 from ..layouts.tiles import BLOCK_M, BLOCK_N, D_V, SUBTILE_K
 from . import softmax as sm
-from .decode import NUM_THREADS, SMEM_LIMIT, MlaDecode, _fake_args
+from .decode import NUM_THREADS, SMEM_LIMIT, MlaDecode, _fake_args, request_block_range
 
 D_QK = 576
 NUM_SUBTILES = D_QK // SUBTILE_K
@@ -89,13 +89,7 @@ class MlaDecodeSeesaw(MlaDecode):
         dt = self.dtype
         mQ_t, mK_t, mOut_r, mLse_r = self.tma_and_output_views(mQ, mK, mOut, mLse)
         h_kv = mOut.shape[2]
-        sQ_layout = row_major_tile(dt, BLOCK_M, self.d_qk)
-        sK_layout = row_major_tile(dt, BLOCK_N, self.d_qk, self.kv_stages)
-        sub_layout = row_major_tile(dt, BLOCK_N, SUBTILE_K)
-        tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), mQ_t, sQ_layout, (BLOCK_M, self.d_qk))
-        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), mK_t, sub_layout, (BLOCK_N, SUBTILE_K))
+        sQ_layout, sK_layout, tma_atom_Q, tma_Q, tma_atom_K, tma_K = self.make_tma_atoms(mQ_t, mK_t)
 
         K_MAJOR, MN_MAJOR = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
         tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
@@ -195,23 +189,15 @@ class MlaDecodeSeesaw(MlaDecode):
         """Warp `stage` fills K stage `stage` with tiles start+stage, start+stage+2, ... of every
         request, half by half as the consumers free them; warp 0 also loads each request's Q."""
         full, empty, q_bar = barriers
-        gK = cute.local_tile(mK[None, None, kv_head, None], (BLOCK_N, SUBTILE_K), (0, None, None))
-        sK_tiles = cute.flat_divide(sK, (BLOCK_N, SUBTILE_K))[None, None, 0, None, None]
-        tKsK, tKgK = cpasync.tma_partition(
-            tma_atom_K, 0, cute.make_layout(1),
-            cute.group_modes(sK_tiles, 0, 2), cute.group_modes(gK, 0, 2))
+        tKsK, tKgK = self.k_tma_partition(tma_atom_K, mK, sK, kv_head)
         rows = mQ.shape[0]
         fills = Int32(0)  # tiles this stage has received so far
         q_fills = Int32(0)
         for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
-            start, end, seqlen = self.block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
+            start, end, seqlen = request_block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
                                                   g, s_q, rows)
             if const_expr(stage == 0):
-                gQ = cute.local_tile(mQ[None, None, kv_head, req], (BLOCK_M, self.d_qk),
-                                     (m_block, 0))
-                tQsQ, tQgQ = cpasync.tma_partition(
-                    tma_atom_Q, 0, cute.make_layout(1),
-                    cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2))
+                tQsQ, tQgQ = self.q_tma_partition(tma_atom_Q, mQ, sQ, kv_head, req, m_block)
                 # A fresh mbarrier counts as having completed the phase before its first one.
                 cute.arch.mbarrier_wait(q_bar + 1, (q_fills % 2) ^ 1)
                 with cute.arch.elect_one():
@@ -270,17 +256,10 @@ class MlaDecodeSeesaw(MlaDecode):
         fills1 = Int32(0)
         q_fills = Int32(0)
         for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
-            start, end, seqlen = self.block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
+            start, end, seqlen = request_block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
                                                   g, s_q, rows)
-            row0 = m_block * BLOCK_M + tile_row
-            row1 = row0 + 8
-            border0 = seqlen
-            border1 = seqlen
-            tile_border = seqlen
-            if is_causal != 0:
-                border0 = seqlen - (s_q - 1 - row0 // g)
-                border1 = seqlen - (s_q - 1 - row1 // g)
-                tile_border = seqlen - (s_q - 1 - (m_block * BLOCK_M) // g)
+            row0, border0, border1, tile_border = self.row_borders(seqlen, m_block, tile_row, g, s_q,
+                                                                   is_causal)
             borders = (border0, border1, tile_border, seqlen)
 
             acc_O = cute.make_rmem_tensor(thr_pv_ss.partition_shape_C((BLOCK_M, D_V // 2)), Float32)
@@ -307,18 +286,9 @@ class MlaDecodeSeesaw(MlaDecode):
             if lane == 0:
                 cute.arch.mbarrier_arrive(q_bar + 1)  # this warp is done with sQ
 
-            row_total = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
-            for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
-                row_total[r] = sm.quad_allreduce_sum(row_sum[r])
             # Each warpgroup summed the P of the tiles it scored, both at the final row max.
-            # Double-buffered by request parity: the other may still read the previous sums.
-            buf = req % 2
-            if quad_leader:
-                sRowSum[tile_row, wg, buf] = row_total[0]
-                sRowSum[tile_row + 8, wg, buf] = row_total[1]
-            cute.arch.barrier(barrier_id=BARRIER_ROW_SUM, number_of_threads=256)
-            row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
-            row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
+            row_total = sm.exchange_row_sums(row_sum, sRowSum, tile_row, wg, quad_leader, req % 2,
+                                             BARRIER_ROW_SUM)
             self.epilogue(acc_O, row_max, row_total, tidx, wg, req, kv_head, row0, rows,
                           mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum)
 
@@ -360,7 +330,7 @@ class MlaDecodeSeesaw(MlaDecode):
             rP.store(acc_S.load().to(self.dtype))
             if n0 * BLOCK_N + BLOCK_N > seqlen:
                 self.zero_v_tail_synced(sK, seqlen - n0 * BLOCK_N, 0, tidx, 0)
-            self.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 0, None)
+            sm.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 0)
             warpgroup.wait_group(0)
             self.release(empty, 0, lane)
             # 3. rescale P0 to consumer 1's max m1 and hand it over.
@@ -382,7 +352,7 @@ class MlaDecodeSeesaw(MlaDecode):
                 self.wait_stage(full, 1, fills1 % 2, (0, 1, 2, 3))
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 0, tidx, 1)
-                self.issue_pv(acc_O, tOsP, tOrVt_ss, tiled_mma_pv_ss, 1, 1)
+                sm.issue_pv(acc_O, tOsP, tOrVt_ss, tiled_mma_pv_ss, 1, p_stage=1)
             fills0 += 1
             if has_next:
                 self.issue_qk_part(acc_S, tSrQ, tSrK, tiled_mma_qk, full, 0, fills0 % 2,
@@ -451,13 +421,13 @@ class MlaDecodeSeesaw(MlaDecode):
                 cute.arch.barrier_arrive(barrier_id=BARRIER_P1_READY, number_of_threads=256)
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 1, tidx, 1)
-                self.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 1, None)
+                sm.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 1)
             # 3. O_R += P0 V0_R with consumer 0's rescaled P0 from smem.
             cute.arch.barrier(barrier_id=BARRIER_P0_READY, number_of_threads=256)
             self.wait_stage(full, 0, fills0 % 2, (4, 5, 6, 7))
             if n0 * BLOCK_N + BLOCK_N > seqlen:
                 self.zero_v_tail_synced(sK, seqlen - n0 * BLOCK_N, 1, tidx, 0)
-            self.issue_pv(acc_O, tOsP, tOrVt_ss, tiled_mma_pv_ss, 0, 0)
+            sm.issue_pv(acc_O, tOsP, tOrVt_ss, tiled_mma_pv_ss, 0, p_stage=0)
             warpgroup.wait_group(1)  # O_R += P1 V1_R done: stage 1's R half is free
             if has1:
                 self.release(empty, 3, lane)
@@ -515,22 +485,6 @@ class MlaDecodeSeesaw(MlaDecode):
                 kk = t * k_per_subtile + k
                 cute.gemm(mma_qk, acc_S, tSrQ[None, None, kk], tSrK[None, None, kk, stage], acc_S)
                 mma_qk.set(warpgroup.Field.ACCUMULATE, True)
-        warpgroup.commit_group()
-
-    @cute.jit
-    def issue_pv(self, acc_O, tOrP, tOrVt, tiled_mma_pv, stage: cutlass.Constexpr[int],
-                 p_stage: cutlass.Constexpr):
-        """O += P V^T-half for one tile, one WGMMA group. p_stage: the stage whose RoPE sub-tile
-        holds P (smem operand), or None for P in registers."""
-        mma_pv = cute.make_mma_atom(tiled_mma_pv.op)
-        mma_pv.set(warpgroup.Field.ACCUMULATE, True)
-        warpgroup.fence()
-        for k in cutlass.range_constexpr(BLOCK_N // 16):
-            if const_expr(p_stage is None):
-                cute.gemm(mma_pv, acc_O, tOrP[None, None, k], tOrVt[None, None, k, stage], acc_O)
-            else:
-                cute.gemm(mma_pv, acc_O, tOrP[None, None, k, p_stage], tOrVt[None, None, k, stage],
-                          acc_O)
         warpgroup.commit_group()
 
     @cute.jit

@@ -1,4 +1,5 @@
-"""Online softmax in base 2 on WGMMA accumulators (register fragments of an m64nN tile).
+"""Online softmax in base 2 on WGMMA accumulators (register fragments of an m64nN tile), the
+row-statistics exchange between two consumer warpgroups, and the PV WGMMA they share.
 
 Fragment facts this relies on (the sm90 m64nNk16 C layout): thread t of a warpgroup (warp w, lane l)
 holds rows 16w + l//4 and 16w + l//4 + 8; its value i sits in column 8*(i//4) + 2*(l%4) + i%2 of row
@@ -10,6 +11,9 @@ exponential is one FFMA and one ex2.approx.
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
+from cutlass.cute.nvgpu import warpgroup
+
+from ..layouts.tiles import BLOCK_N
 
 ROWS_PER_THREAD = 2
 
@@ -95,3 +99,56 @@ def online_softmax_step(acc_S: cute.Tensor, block_max: cute.Tensor, row_max: cut
 def rescale_rows(acc_O: cute.Tensor, rescale: cute.Tensor):
     for i in cutlass.range_constexpr(cute.size(acc_O)):
         acc_O[i] = acc_O[i] * rescale[(i // 2) % 2]
+
+
+@cute.jit
+def exchange_row_sums(row_sum: cute.Tensor, sRowSum: cute.Tensor, tile_row, wg, quad_leader, buf,
+                      barrier_id: cutlass.Constexpr[int]) -> cute.Tensor:
+    """Whole-row sums when two consumer warpgroups each summed part of a row's keys: quad-reduce this
+    warpgroup's partials, publish them in sRowSum[:, wg, buf] (64 x 2 x 2) and add the other's after a
+    256-thread named barrier. buf double-buffers by request parity: the other warpgroup may still be
+    reading the previous request's sums."""
+    row_total = cute.make_rmem_tensor(ROWS_PER_THREAD, Float32)
+    for r in cutlass.range_constexpr(ROWS_PER_THREAD):
+        row_total[r] = quad_allreduce_sum(row_sum[r])
+    if quad_leader:
+        sRowSum[tile_row, wg, buf] = row_total[0]
+        sRowSum[tile_row + 8, wg, buf] = row_total[1]
+    cute.arch.barrier(barrier_id=barrier_id, number_of_threads=256)
+    row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
+    row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
+    return row_total
+
+
+@cute.jit
+def normalize_rows(acc_O: cute.Tensor, row_max: cute.Tensor, row_total: cute.Tensor) -> cute.Tensor:
+    """O /= L per row; return the base-2 LSE m + log2(L). A row that attended nothing (L = 0, or NaN)
+    gets O = 0 and LSE -inf (a partial's "empty"; the final lse writes it as +inf)."""
+    inv = cute.make_rmem_tensor(ROWS_PER_THREAD, Float32)
+    lse2 = cute.make_rmem_tensor(ROWS_PER_THREAD, Float32)
+    for r in cutlass.range_constexpr(ROWS_PER_THREAD):
+        total = row_total[r]
+        if total > 0.0:
+            inv[r] = 1.0 / total
+            lse2[r] = row_max[r] + cute.math.log2(total, fastmath=False)
+        else:
+            inv[r] = Float32(0.0)
+            lse2[r] = -Float32.inf
+    rescale_rows(acc_O, inv)
+    return lse2
+
+
+@cute.jit
+def issue_pv(acc_O: cute.Tensor, tOrP: cute.Tensor, tOrVt: cute.Tensor, tiled_mma_pv: cute.TiledMma,
+             stage, p_stage: cutlass.Constexpr = None):
+    """O += P V^T for one 64-key tile as one committed WGMMA group. tOrVt[..., k, stage]; tOrP is
+    a register fragment (p_stage None) or an smem one indexed [..., k, p_stage]."""
+    mma_pv = cute.make_mma_atom(tiled_mma_pv.op)
+    mma_pv.set(warpgroup.Field.ACCUMULATE, True)
+    warpgroup.fence()
+    for k in cutlass.range_constexpr(BLOCK_N // 16):
+        if cutlass.const_expr(p_stage is None):
+            cute.gemm(mma_pv, acc_O, tOrP[None, None, k], tOrVt[None, None, k, stage], acc_O)
+        else:
+            cute.gemm(mma_pv, acc_O, tOrP[None, None, k, p_stage], tOrVt[None, None, k, stage], acc_O)
+    warpgroup.commit_group()

@@ -368,7 +368,7 @@ class MlaSparseDecodeFp8:
                 # QK^T(n+1) before PV(n). On the last tile it re-runs QK^T on tile n's resident stage and
                 # the result is dropped: WGMMA issue stays out of data-dependent branches.
                 self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, next_stage)
-                self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, stage)
+                sm.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, stage)
                 warpgroup.wait_group(1)  # QK^T(n+1) done; PV(n) may still run
                 if has_next:
                     self.mask_invalid(acc_S, tidx, self.valid_bits(sValid, wg, next_stage))
@@ -391,7 +391,7 @@ class MlaSparseDecodeFp8:
                 pipe_kv.consumer_release(kv_state)
                 kv_state.advance()
 
-        row_total = self.row_totals(row_sum, sRowSum, tile_row, wg, quad_leader, 0)
+        row_total = sm.exchange_row_sums(row_sum, sRowSum, tile_row, wg, quad_leader, 0, BARRIER_ROW_SUM)
         self.epilogue(acc_O, row_max, row_total, tidx, wg, tile_row, m_block, s_idx, batch, split_idx, mSink,
                       has_sink, num_splits, mOut, mLse, mOAccum, mLseAccum)
 
@@ -449,22 +449,8 @@ class MlaSparseDecodeFp8:
         rescale = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
         self.softmax_to_p(acc_S, rP, rescale, row_max, row_sum, sRowMax, tile_row, wg, quad_leader, scale_log2)
         self.stage_p(acc_O, rP, rescale, tPsP)
-        self.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, stage)
+        sm.issue_pv(acc_O, tOrP, tOrVt, tiled_mma_pv, stage)
         warpgroup.wait_group(0)
-
-    @cute.jit
-    def row_totals(self, row_sum, sRowSum, tile_row, wg, quad_leader, buf):
-        """Full row sums: quad-reduced, plus the other warpgroup's (through sRowSum[:, :, buf])."""
-        row_total = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
-        for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
-            row_total[r] = sm.quad_allreduce_sum(row_sum[r])
-        if quad_leader:
-            sRowSum[tile_row, wg, buf] = row_total[0]
-            sRowSum[tile_row + 8, wg, buf] = row_total[1]
-        cute.arch.barrier(barrier_id=BARRIER_ROW_SUM, number_of_threads=256)
-        row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
-        row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
-        return row_total
 
     @cute.jit
     def mask_invalid(self, acc_S, tidx, valid):
@@ -482,15 +468,6 @@ class MlaSparseDecodeFp8:
         for kk in cutlass.range_constexpr(D_QK // 16):
             cute.gemm(mma_qk, acc_S, tSrQ[None, None, kk], tSrK[None, None, kk, stage], acc_S)
             mma_qk.set(warpgroup.Field.ACCUMULATE, True)
-        warpgroup.commit_group()
-
-    @cute.jit
-    def issue_pv(self, acc_O, tOrP, tOrVt, tiled_mma_pv, stage):
-        mma_pv = cute.make_mma_atom(tiled_mma_pv.op)
-        mma_pv.set(warpgroup.Field.ACCUMULATE, True)
-        warpgroup.fence()
-        for k in cutlass.range_constexpr(BLOCK_N // 16):
-            cute.gemm(mma_pv, acc_O, tOrP[None, None, k], tOrVt[None, None, k, stage], acc_O)
         warpgroup.commit_group()
 
     @cute.jit
