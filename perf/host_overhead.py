@@ -5,6 +5,12 @@ metadata handling, the op wrapper. Runs on CPU (the stub stands in for ``cutemla
 on a GPU host the same numbers plus the real launch cost (TVM-FFI, ~a few us per kernel) apply.
 
     python -m perf.host_overhead [--iters 20000]
+    python -m perf.host_overhead --cuda        # on an sm90 GPU host: the real calls, kernels launched
+
+With --cuda the case is tiny (one request of 64 tokens), so the GPU finishes each call's kernels before the
+host has issued the next call and the loop is bound by host time: wall time per call (no sync inside the
+loop) is then the host overhead, launches included. The GPU time of the same call (CUDA events over a
+graph replay) is printed beside it to show that the loop was indeed host-bound.
 """
 from __future__ import annotations
 
@@ -74,11 +80,63 @@ def measure(iters: int = 20000, b: int = 64, s_q: int = 1, h_q: int = 128, h_kv:
     return results
 
 
+def measure_cuda(iters: int = 5000, b: int = 1, s_q: int = 1, h_q: int = 16, h_kv: int = 1,
+                 seqlen: int = 64) -> dict:
+    """Microseconds of host time per real call on the current GPU (best of 5 loops, no sync in a loop)."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(b, s_q, h_q, 576, generator=gen).to(device, torch.bfloat16)
+    kcache = torch.randn(b * 4, 64, h_kv, 576, generator=gen).to(device, torch.bfloat16)
+    block_table = torch.arange(b * 4, dtype=torch.int32, device=device).view(b, 4)
+    seqlens = torch.full((b,), seqlen, dtype=torch.int32, device=device)
+    meta, splits = cutemla.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv, h_q)
+    sched = cutemla.get_mla_metadata()[0]
+    calls = {
+        "flash_mla_with_kvcache (FlashMLASchedMeta reused)":
+            lambda: cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, sched, causal=True),
+        "flash_mla_with_kvcache (old-style meta, num_splits)":
+            lambda: cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, meta, splits,
+                                                   causal=True),
+        "get_mla_metadata (device scheduler) + flash_mla_with_kvcache":
+            lambda: cutemla.flash_mla_with_kvcache(
+                q, kcache, block_table, seqlens, 512,
+                *cutemla.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv, h_q), causal=True),
+        "cutemla.ops.mla_decode (eager, no dispatcher)":
+            lambda: ops.mla_decode(q, kcache, block_table, seqlens, meta, splits, causal=True),
+        "kernels.run_dense_decode (launches only)":
+            lambda: kernels.run_dense_decode(q, kcache, block_table, seqlens, meta, splits, 576 ** -0.5, True),
+    }
+    results = {}
+    for name, fn in calls.items():
+        fn()
+        torch.cuda.synchronize()
+
+        def looped(fn=fn):
+            fn()
+        results[name] = _time_per_call(looped, iters)
+        torch.cuda.synchronize()
+    # GPU time of one call, to show the loop above was host-bound
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls["flash_mla_with_kvcache (old-style meta, num_splits)"]()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(200):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    results["GPU time of one call (graph replay, for comparison)"] = start.elapsed_time(end) / 200 * 1e3
+    return results
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20000)
+    parser.add_argument("--cuda", action="store_true", help="time the real calls on the GPU (sm90 host)")
     args = parser.parse_args(argv)
-    for name, us in measure(args.iters).items():
+    results = measure_cuda(min(args.iters, 5000)) if args.cuda else measure(args.iters)
+    for name, us in results.items():
         print(f"{us:8.2f} us  {name}")
 
 

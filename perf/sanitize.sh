@@ -2,13 +2,15 @@
 # compute-sanitizer over the kernel cases of tests/sanitize_kernels.py, on an sm90 GPU host:
 #   bash perf/sanitize.sh                      # memcheck, racecheck, synccheck over every case
 #   TOOLS="memcheck" CASES="zero_lengths split_one_long" bash perf/sanitize.sh
-# Each (tool, case) is one process with its own timeout and log, $OUT/sanitize-<tool>-<case>.log, so a hang
+# Each (tool, case) is one process with its own timeout and log, $LOGDIR/sanitize-<tool>-<case>.log, so a hang
 # or crash costs one entry. The kernels are compiled once first, without the sanitizer (into the disk cache;
 # set CUTEMLA_CACHE_DIR to reuse a prebuilt one). Ends with a table of each log's "ERROR SUMMARY" count and
 # exits non-zero if any run reported errors, failed its numeric check, or timed out.
 set -u
 OUT=${OUT:-/tmp/cutemla-sanitize}
-mkdir -p "$OUT"
+# The logs stay outside $OUT (a device call returns at most 8 files); $OUT gets the summary and one archive.
+LOGDIR=${LOGDIR:-$(mktemp -d /tmp/cutemla-sanitize-logs.XXXXXX)}
+mkdir -p "$OUT" "$LOGDIR"
 cd "$(dirname "$0")/.."
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
 TOOLS=${TOOLS:-"memcheck racecheck synccheck"}
@@ -22,13 +24,13 @@ fi
 "$SANITIZER" --version | tail -1
 
 echo "== warmup (compile, no sanitizer)"
-timeout -s KILL 600 $DRIVER --warmup > "$OUT/sanitize-warmup.log" 2>&1
-echo "warmup exit $?"; tail -3 "$OUT/sanitize-warmup.log"
+timeout -s KILL 600 $DRIVER --warmup > "$LOGDIR/sanitize-warmup.log" 2>&1
+echo "warmup exit $?"; tail -3 "$LOGDIR/sanitize-warmup.log"
 
 # Every tensor its own cudaMalloc, so out-of-bounds reads land outside an allocation and memcheck sees them.
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 status=0
-summary="$OUT/sanitize-summary.txt"
+summary="$LOGDIR/sanitize-summary.txt"
 printf "%-10s %-20s %-6s %s\n" tool case exit errors > "$summary"
 for tool in $TOOLS; do
     extra=""
@@ -37,7 +39,7 @@ for tool in $TOOLS; do
         racecheck) extra="--racecheck-report hazard" ;;
     esac
     for name in $CASES; do
-        log="$OUT/sanitize-$tool-$name.log"
+        log="$LOGDIR/sanitize-$tool-$name.log"
         timeout -s KILL "$STEP_TIMEOUT" "$SANITIZER" --tool "$tool" $extra --print-limit ${PRINT_LIMIT:-400} \
             $DRIVER "$name" > "$log" 2>&1
         rc=$?
@@ -56,6 +58,6 @@ for tool in $TOOLS; do
     done
 done
 cat "$summary"
-# One archive of every log: a device call returns a limited number of files.
-tar -czf "$OUT/sanitize-logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls sanitize-*.log sanitize-summary.txt) 2>/dev/null
+cp "$summary" "$OUT/"
+tar -czf "$OUT/sanitize-logs.tar.gz" -C "$LOGDIR" $(cd "$LOGDIR" && ls sanitize-*.log sanitize-summary.txt) 2>/dev/null
 exit $status
