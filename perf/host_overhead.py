@@ -130,11 +130,59 @@ def measure_cuda(iters: int = 5000, b: int = 1, s_q: int = 1, h_q: int = 16, h_k
     return results
 
 
+def profile_cuda(iters: int = 2000, top: int = 30) -> None:
+    """cProfile of the real old-style call on the GPU (host side), plus the pieces timed alone."""
+    import cProfile
+    import pstats
+    import sys
+
+    import tvm_ffi
+
+    print(f"torch {torch.__version__}, tvm_ffi {tvm_ffi.__version__}, python {sys.version.split()[0]}, "
+          f"torch.Tensor.__dlpack_c_exchange_api__: {hasattr(torch.Tensor, '__dlpack_c_exchange_api__')}")
+    device = torch.device("cuda")
+    q = torch.randn(1, 1, 16, 576, device=device, dtype=torch.bfloat16)
+    kcache = torch.randn(4, 64, 1, 576, device=device, dtype=torch.bfloat16)
+    block_table = torch.arange(4, dtype=torch.int32, device=device).view(1, 4)
+    seqlens = torch.full((1,), 64, dtype=torch.int32, device=device)
+    meta, splits = cutemla.get_mla_metadata(seqlens, 16, 1, 16)
+
+    def call():
+        return cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, meta, splits, causal=True)
+
+    call()
+    torch.cuda.synchronize()
+    def device_guard():
+        with torch.cuda.device(device):
+            pass
+
+    pieces = {
+        "torch.empty (one CUDA tensor)": lambda: torch.empty(1, 16, 512, device=device),
+        "torch.cuda.device(device) enter+exit": device_guard,
+        "tvm_ffi.from_dlpack(q)": lambda: tvm_ffi.from_dlpack(q),
+        "full call": call,
+    }
+    for name, fn in pieces.items():
+        print(f"{_time_per_call(fn, iters):8.2f} us  {name}")
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iters):
+        call()
+    profiler.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(top)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20000)
     parser.add_argument("--cuda", action="store_true", help="time the real calls on the GPU (sm90 host)")
+    parser.add_argument("--profile", action="store_true", help="with --cuda: cProfile of the real call")
     args = parser.parse_args(argv)
+    if args.cuda and args.profile:
+        profile_cuda(min(args.iters, 2000))
+        return
     results = measure_cuda(min(args.iters, 5000)) if args.cuda else measure(args.iters)
     for name, us in results.items():
         print(f"{us:8.2f} us  {name}")

@@ -3,6 +3,12 @@
     python tests/sanitize_kernels.py --list            # case names, one per line
     python tests/sanitize_kernels.py --warmup          # compile every variant the cases need (no sanitizer)
     python tests/sanitize_kernels.py CASE [CASE ...]   # run the cases once each, check against the reference
+    python tests/sanitize_kernels.py pipelined:zero_lengths   # a dense case under another decode schedule
+
+A dense case runs the default decode schedule (the seesaw for 576-wide heads); ``SCHEDULE:CASE`` runs it under
+``CUTEMLA_DECODE_SCHEDULE=SCHEDULE`` (seesaw, pipelined, split_s). The ``fp8_*`` cases run the FP8 kernels
+(sparse top-k with its split combine and sink, and the dense FP8 decode) through the API, checked the same way
+as their GPU tests (tests/test_sparse_decode_gpu.py, tests/test_dense_fp8_decode_gpu.py).
 
 Each case runs the scheduler, the decode kernel and the combine kernel once (``cutemla.kernels.run_dense_decode``)
 and compares with ``mla_decode_reference`` at FlashMLA's tolerances; the exit status is 0 only if all pass.
@@ -55,8 +61,63 @@ CASES: Dict[str, RandomSpec] = {
 }
 
 
+SCHEDULES = ("seesaw", "pipelined", "split_s")
+
+
+def _fp8_sparse(splits):
+    """The sparse FP8 kernel: sink, topk_length with garbage ids, out-of-range ids, an empty row."""
+    import test_sparse_decode_gpu as sparse
+
+    os.environ["CUTEMLA_BACKEND"] = "kernel"
+    case = sparse.SparseCase(b=3, s_q=2, h_q=64, topk=200, topk_length=True, out_of_range=True,
+                             empty_row=True, seed=5)
+    sparse.run_case(case, num_splits=splits)
+
+
+def _fp8_dense():
+    """The dense FP8 kernel: empty requests, causal s_q 2, a split request, NaN past every length."""
+    import test_dense_fp8_decode_gpu as dense
+    from cutemla.testing import DecodeCase
+
+    os.environ["CUTEMLA_BACKEND"] = "kernel"
+    dense.test_dense_fp8_matches_reference(None, DecodeCase(b=4, s_q=2, s_k=700, h_q=64, h_kv=1, varlen=True,
+                                                            causal=True, zero_frac=0.3, seed=2))
+
+
+FP8_CASES = {
+    "fp8_sparse": lambda: _fp8_sparse(None),
+    "fp8_sparse_split": lambda: _fp8_sparse(3),
+    "fp8_dense": _fp8_dense,
+}
+
+
+# The other two dense schedules (used for 512-wide heads and by choice) over a partial last page and a mix
+# of split and unsplit requests.
+SCHEDULE_CASES = [f"{schedule}:{case}" for schedule in SCHEDULES[1:]
+                  for case in ("partial_last_page", "split_and_unsplit")]
+
+
+def case_names():
+    """Every case perf/sanitize.sh runs by default."""
+    return list(CASES) + SCHEDULE_CASES + list(FP8_CASES)
+
+
+def _check_name(name: str) -> bool:
+    schedule, _, base = name.rpartition(":")
+    if schedule:
+        return schedule in SCHEDULES and base in CASES
+    return name in CASES or name in FP8_CASES
+
+
 def run_case(name: str, device: str = "cuda") -> None:
-    """Run case ``name`` through the kernel path once and assert it matches the reference."""
+    """Run case ``name`` ([SCHEDULE:]CASE) through the kernel path once and assert it matches the reference."""
+    schedule, _, name = name.rpartition(":")
+    if name in FP8_CASES:
+        FP8_CASES[name]()
+        print(f"{name}: ok", flush=True)
+        return
+    if schedule:
+        os.environ["CUTEMLA_DECODE_SCHEDULE"] = schedule
     from cutemla.kernels import run_dense_decode
     from cutemla.reference import mla_decode_reference
     from cutemla.schedule import get_decoding_sched_meta
@@ -74,7 +135,8 @@ def run_case(name: str, device: str = "cuda") -> None:
                                             512, scale, causal)
     assert_close_flashmla("out", out.float(), ref_out.float(), **OUT_TOL)
     assert_close_flashmla("lse", lse, ref_lse, **LSE_TOL)
-    print(f"{name}: ok (b={spec.b}, splits={int(num_splits[-1])})", flush=True)
+    print(f"{schedule + ':' if schedule else ''}{name}: ok (b={spec.b}, splits={int(num_splits[-1])})",
+          flush=True)
 
 
 def main(argv=None) -> int:
@@ -84,14 +146,15 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", action="store_true", help="compile the kernels the cases need, then exit")
     args = parser.parse_args(argv)
     if args.list:
-        print("\n".join(CASES))
+        print("\n".join(case_names()))
         return 0
-    unknown = [c for c in args.cases if c not in CASES]
+    unknown = [c for c in args.cases if not _check_name(c)]
     if unknown:
-        parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
-    names = args.cases or list(CASES)
+        parser.error(f"unknown cases {unknown}; choose from {case_names()}, optionally as SCHEDULE:CASE for "
+                     f"a dense case, SCHEDULE in {SCHEDULES}")
+    names = args.cases or case_names()
     if args.warmup:  # one run of each case compiles (and caches on disk) every variant they use
-        names = list(CASES)
+        names = case_names()
     failed = 0
     for name in names:
         try:

@@ -21,7 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_list_matches_cases():
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "sanitize_kernels.py"), "--list"],
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
-    assert out == list(sanitize_kernels.CASES) and len(out) >= 8
+    assert out == sanitize_kernels.case_names() and len(out) >= 8
+    assert {"fp8_sparse", "fp8_dense", "pipelined:partial_last_page", "split_s:split_and_unsplit"} <= set(out)
+
+
+def test_schedule_prefix_is_checked():
+    with pytest.raises(SystemExit):
+        sanitize_kernels.main(["nonesuch:zero_lengths"])
+    with pytest.raises(SystemExit):
+        sanitize_kernels.main(["pipelined:fp8_dense"])  # a schedule applies to the dense cases only
 
 
 def test_unknown_case_is_an_error():

@@ -31,6 +31,8 @@ PTX_MARKERS = {
     "tma_prefetch": r"cp\.async\.bulk\.prefetch\.tensor",
     "setmaxnreg": r"setmaxnreg",
     "griddepcontrol": r"griddepcontrol",
+    "bar_aligned": r"\bbar\.(?:sync|arrive)\b",
+    "barrier_unaligned": r"\bbarrier\.(?:cta\.)?(?:sync|arrive)(?!\.aligned)\b",
     "local_memory": r"\.local\b",
     "target_sm90a": r"\.target sm_90a",
 }

@@ -40,6 +40,7 @@ from cutlass.memory import SmemAllocator
 
 from ..layouts.smem import v_transposed_view
 from ..layouts.tiles import BLOCK_M, BLOCK_N, D_V, SUBTILE_K
+from . import barriers
 from . import softmax as sm
 from .decode import NUM_THREADS, SMEM_LIMIT, MlaDecode, _fake_args, request_block_range
 
@@ -322,7 +323,7 @@ class MlaDecodeSeesaw(MlaDecode):
                 for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                     sRowMax[tile_row + 8 * r] = row_max[r]
                     sScale[tile_row + 8 * r, 0] = factors[r]
-            cute.arch.barrier_arrive(barrier_id=BARRIER_SCALE0, number_of_threads=256)
+            barriers.arrive(BARRIER_SCALE0, 256)
             rescale[0] = factors[0]
             rescale[1] = factors[1]
             sm.rescale_rows(acc_O, rescale)
@@ -334,7 +335,7 @@ class MlaDecodeSeesaw(MlaDecode):
             warpgroup.wait_group(0)
             self.release(empty, 0, lane)
             # 3. rescale P0 to consumer 1's max m1 and hand it over.
-            cute.arch.barrier(barrier_id=BARRIER_SCALE1, number_of_threads=256)
+            barriers.sync(BARRIER_SCALE1, 256)
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 rescale[r] = sScale[tile_row + 8 * r, 1]
                 row_max[r] = sRowMax[tile_row + 8 * r]
@@ -343,12 +344,12 @@ class MlaDecodeSeesaw(MlaDecode):
             rP.store(acc_S.load().to(self.dtype))
             cute.autovec_copy(rP, tPsP[None, None, None, 0])
             cute.arch.fence_view_async_shared()
-            cute.arch.barrier_arrive(barrier_id=BARRIER_P0_READY, number_of_threads=256)
+            barriers.arrive(BARRIER_P0_READY, 256)
             sm.rescale_rows(acc_O, rescale)
             # 4. O_L += P1 V1_L (P1 from smem), overlapped with the next S0 = Q K^T.
             if has1:
                 # P1 is in smem and consumer 1's QK^T no longer reads K1 (so V1_L may be zeroed).
-                cute.arch.barrier(barrier_id=BARRIER_P1_READY, number_of_threads=256)
+                barriers.sync(BARRIER_P1_READY, 256)
                 self.wait_stage(full, 1, fills1 % 2, (0, 1, 2, 3))
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 0, tidx, 1)
@@ -390,7 +391,7 @@ class MlaDecodeSeesaw(MlaDecode):
             has1 = n1 < end
             has_next = n1 + 2 < end
             # 1. softmax of S1 from consumer 0's max m0; publish m1 and exp2(m0 - m1).
-            cute.arch.barrier(barrier_id=BARRIER_SCALE0, number_of_threads=256)
+            barriers.sync(BARRIER_SCALE0, 256)
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 row_max[r] = sRowMax[tile_row + 8 * r]
                 row_sum[r] = row_sum[r] * sScale[tile_row + 8 * r, 0]
@@ -411,19 +412,19 @@ class MlaDecodeSeesaw(MlaDecode):
             # factor (fewer live registers) before SCALE1 lets consumer 0 overwrite it.
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 rescale[r] = rescale[r] * sScale[tile_row + 8 * r, 0]
-            cute.arch.barrier_arrive(barrier_id=BARRIER_SCALE1, number_of_threads=256)
+            barriers.arrive(BARRIER_SCALE1, 256)
             sm.rescale_rows(acc_O, rescale)
             # 2. P1 to smem for consumer 0; O_R += P1 V1_R from registers.
             if has1:
                 rP.store(acc_S.load().to(self.dtype))
                 cute.autovec_copy(rP, tPsP[None, None, None, 1])
                 cute.arch.fence_view_async_shared()
-                cute.arch.barrier_arrive(barrier_id=BARRIER_P1_READY, number_of_threads=256)
+                barriers.arrive(BARRIER_P1_READY, 256)
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 1, tidx, 1)
                 sm.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 1)
             # 3. O_R += P0 V0_R with consumer 0's rescaled P0 from smem.
-            cute.arch.barrier(barrier_id=BARRIER_P0_READY, number_of_threads=256)
+            barriers.sync(BARRIER_P0_READY, 256)
             self.wait_stage(full, 0, fills0 % 2, (4, 5, 6, 7))
             if n0 * BLOCK_N + BLOCK_N > seqlen:
                 self.zero_v_tail_synced(sK, seqlen - n0 * BLOCK_N, 1, tidx, 0)

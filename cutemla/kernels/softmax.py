@@ -14,6 +14,7 @@ from cutlass import Float32
 from cutlass.cute.nvgpu import warpgroup
 
 from ..layouts.tiles import BLOCK_N
+from . import barriers
 
 ROWS_PER_THREAD = 2
 
@@ -114,7 +115,7 @@ def exchange_row_sums(row_sum: cute.Tensor, sRowSum: cute.Tensor, tile_row, wg, 
     if quad_leader:
         sRowSum[tile_row, wg, buf] = row_total[0]
         sRowSum[tile_row + 8, wg, buf] = row_total[1]
-    cute.arch.barrier(barrier_id=barrier_id, number_of_threads=256)
+    barriers.sync(barrier_id, 256)  # unaligned: the seesaw's warpgroups reach it from their own code
     row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
     row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
     return row_total

@@ -4,7 +4,10 @@ Call `warmup()` before capturing CUDA graphs, so capture never compiles. It need
 CPU-only machine it fills the disk cache (CUTEMLA_CACHE_DIR) that a GPU host with the same DSL
 version then loads from.
 
-    python -m cutemla.kernels.warmup [--schedules pipelined split_s] [--head-dims 576 512]
+    python -m cutemla.kernels.warmup [--schedules pipelined split_s] [--head-dims 576 512] [--no-fp8]
+
+FP8 (is_fp8_kvcache=True) serving builds the sparse top-k and dense-FP8 decode kernels and the sparse
+split combine too (on by default; ``fp8=False`` skips them).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def warmup(dtypes=("bf16", "fp16"), head_dims=(576, 512), schedules=(DEFAULT_SCHEDULE,),
-           l2_prefetch=None, verbose=False) -> dict:
+           l2_prefetch=None, verbose=False, fp8=True) -> dict:
     """Build every listed decode variant plus the combine and scheduler kernels; return timings.
 
     l2_prefetch=None builds the variants the launcher picks (decode_variant) for one and for
@@ -58,6 +61,14 @@ def warmup(dtypes=("bf16", "fp16"), head_dims=(576, 512), schedules=(DEFAULT_SCH
             timed(f"combine-{name}-{threads}x{warps_per_row}",
                   lambda: compile_combine(dt, threads=threads, warps_per_row=warps_per_row))
     timed("sched_meta", lambda: get_sched_meta_fn())
+    if fp8:  # the kernels flash_mla_with_kvcache(..., is_fp8_kvcache=True) launches by default
+        from .dense_fp8_decode import get_dense_fp8_decode_fn
+        from .sparse_combine import get_sparse_combine_fn
+        from .sparse_decode import get_sparse_decode_fn
+
+        timed("sparse_fp8", lambda: get_sparse_decode_fn())
+        timed("sparse_combine", lambda: get_sparse_combine_fn())
+        timed("dense_fp8", lambda: get_dense_fp8_decode_fn())
     return timings
 
 
@@ -68,8 +79,9 @@ def main(argv=None):
     parser.add_argument("--schedules", nargs="+", default=[DEFAULT_SCHEDULE])
     parser.add_argument("--l2-prefetch", nargs="+", type=int, default=None,
                         help="default: the depths the launcher picks (see decode_variant)")
+    parser.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip the FP8 kernels")
     args = parser.parse_args(argv)
-    warmup(args.dtypes, args.head_dims, args.schedules, args.l2_prefetch, verbose=True)
+    warmup(args.dtypes, args.head_dims, args.schedules, args.l2_prefetch, verbose=True, fp8=args.fp8)
 
 
 if __name__ == "__main__":
