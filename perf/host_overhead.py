@@ -156,7 +156,13 @@ def profile_cuda(iters: int = 2000, top: int = 30) -> None:
         with torch.cuda.device(device):
             pass
 
+    decode, decode_args, combine, combine_args, _, _ = kernels.prepare_dense_decode(
+        q, kcache, block_table, seqlens, meta, splits, 576 ** -0.5, True)
     pieces = {
+        "kernels.prepare_dense_decode (allocations, views, compiled-fn lookup)":
+            lambda: kernels.prepare_dense_decode(q, kcache, block_table, seqlens, meta, splits, 576 ** -0.5, True),
+        "decode launch alone (TVM-FFI call: TMA descriptors + launch)": lambda: decode(*decode_args),
+        "combine launch alone (TVM-FFI call)": lambda: combine(*combine_args),
         "torch.empty (one CUDA tensor)": lambda: torch.empty(1, 16, 512, device=device),
         "torch.cuda.device(device) enter+exit": device_guard,
         "tvm_ffi.from_dlpack(q)": lambda: tvm_ffi.from_dlpack(q),

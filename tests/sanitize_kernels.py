@@ -61,7 +61,7 @@ CASES: Dict[str, RandomSpec] = {
 }
 
 
-SCHEDULES = ("seesaw", "pipelined", "split_s")
+SCHEDULES = ("seesaw", "pipelined", "split_s", "seesaw_sync")
 
 
 def _fp8_sparse(splits):
@@ -93,7 +93,7 @@ FP8_CASES = {
 
 # The other two dense schedules (used for 512-wide heads and by choice) over a partial last page and a mix
 # of split and unsplit requests.
-SCHEDULE_CASES = [f"{schedule}:{case}" for schedule in SCHEDULES[1:]
+SCHEDULE_CASES = [f"{schedule}:{case}" for schedule in ("pipelined", "split_s")
                   for case in ("partial_last_page", "split_and_unsplit")]
 
 

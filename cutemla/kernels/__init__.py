@@ -55,15 +55,18 @@ def _tma_ready(t: torch.Tensor, name: str, copy_ok: bool) -> torch.Tensor:
     divisibility check passes. A misaligned q is copied (it is small); a misaligned cache is an error.
     """
     elems = 16 // t.element_size()
-    if any(s % elems for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1) or t.data_ptr() % 16:
+    shape, strides = t.shape, t.stride()
+    if t.data_ptr() % 16 == 0 and all(s % elems == 0 for s in strides[:-1]):
+        return t  # the common case, checked once: every stride already fits
+    if any(s % elems for s, n in zip(strides[:-1], shape[:-1]) if n > 1) or t.data_ptr() % 16:
         if not copy_ok:
             raise ValueError(f"{name} must have a 16-byte aligned base and 16-byte multiple strides "
-                             f"for TMA; got strides {tuple(t.stride())}")
+                             f"for TMA; got strides {tuple(strides)}")
         # A fresh allocation: .contiguous() would hand back a misaligned but contiguous q as is.
         t = t.clone(memory_format=torch.contiguous_format)
-    if any(n == 1 and s % elems for s, n in zip(t.stride()[:-1], t.shape[:-1])):
-        t = t.as_strided(t.shape, [s if n > 1 or s % elems == 0 else elems
-                                   for s, n in zip(t.stride(), t.shape)])
+        strides = t.stride()
+    if any(n == 1 and s % elems for s, n in zip(strides[:-1], shape[:-1])):
+        t = t.as_strided(shape, [s if n > 1 or s % elems == 0 else elems for s, n in zip(strides, shape)])
     return t
 
 
@@ -77,25 +80,22 @@ def decode_variant(d: int, rows: int, schedule: str | None = None) -> tuple[str,
     """(schedule, L2 prefetch blocks) of the decode kernel for head dim d and `rows` folded query
     rows per KV head (s_q * h_q / h_kv). CUTEMLA_DECODE_SCHEDULE / CUTEMLA_L2_PREFETCH override."""
     schedule = schedule or os.environ.get("CUTEMLA_DECODE_SCHEDULE", DEFAULT_SCHEDULE)
-    if schedule == "seesaw" and d != 576:
+    if schedule.startswith("seesaw") and d != 576:
         schedule = "pipelined"  # the seesaw keeps P tiles in the RoPE columns
     # The seesaw measured best without L2 prefetch except at tiny batches (perf/results/
     # 2026-11-25-h100-ab-seesaw.csv: 1155 vs 1189 us at 128x1x16k h128, 70.6 vs 67.5 at 1x64k).
-    default_prefetch = 0 if schedule == "seesaw" or rows <= 64 else DEFAULT_L2_PREFETCH
+    default_prefetch = 0 if schedule.startswith("seesaw") or rows <= 64 else DEFAULT_L2_PREFETCH
     return schedule, int(os.environ.get("CUTEMLA_L2_PREFETCH", default_prefetch))
 
 
-def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                     softmax_scale, causal, schedule=None):
-    """Split-KV decode + combine on the current stream. Inputs must already be validated.
+def prepare_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                         softmax_scale, causal, schedule=None):
+    """The two launches of a decode, ready to call: ``(decode, decode_args, combine, combine_args, out, lse)``.
 
-    q [b, s_q, h_q, d]; kcache [num_blocks, 64, h_kv, d]; block_table [b, max_blocks] int32;
-    cache_seqlens [b] int32; metadata from cutemla.schedule. Returns (out [b, s_q, h_q, 512] in q's
-    dtype, lse [b, h_q, s_q] fp32 natural log). No host sync; allocations depend only on shapes.
-    schedule: the decode kernel's consumer loop ("seesaw", "pipelined" or "split_s"); default
-    CUTEMLA_DECODE_SCHEDULE or DEFAULT_SCHEDULE (see decode_variant).
+    `run_dense_decode` calls ``decode(*decode_args)`` then ``combine(*combine_args)``; profilers and
+    benchmarks of the launch cost call them directly. Allocates out, lse and the split workspace.
     """
-    from .combine import launch_combine
+    from .combine import compile_combine, launch_shape, prepare_combine_args
     from .decode import get_decode_fn
 
     b, s_q, h_q, d = q.shape
@@ -109,17 +109,51 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
 
     out = torch.empty(b, s_q, h_q, D_V, dtype=q.dtype, device=device)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=device)
-    # Split partials: at most b + num_parts splits exist (FlashMLA's bound).
-    o_accum = torch.empty(b + num_parts, h_kv, rows, D_V, dtype=torch.float32, device=device)
-    lse_accum = torch.empty(b + num_parts, h_kv, rows, dtype=torch.float32, device=device)
+    # Split partials: at most b + num_parts splits exist (FlashMLA's bound). One allocation for both
+    # (O first, so the LSE part starts 2 KiB aligned): each torch.empty costs ~4 us of host time.
+    max_splits = b + num_parts
+    o_numel = max_splits * h_kv * rows * D_V
+    workspace = torch.empty(o_numel + max_splits * h_kv * rows, dtype=torch.float32, device=device)
+    o_accum = workspace[:o_numel].view(max_splits, h_kv, rows, D_V)
+    lse_accum = workspace[o_numel:].view(max_splits, h_kv, rows)
 
     decode = get_decode_fn(_dsl_dtype(q.dtype), d, *decode_variant(d, rows, schedule))
     q_rows = _tma_ready(fold_q(q, h_kv), "q", copy_ok=True)
     kcache = _tma_ready(kcache, "k_cache", copy_ok=False)
-    with torch.cuda.device(device):  # TVM-FFI launches on the current device's current stream
-        decode(q_rows, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-               out_rows_view(out, h_kv), lse_rows_view(lse, h_kv), o_accum, lse_accum,
-               float(softmax_scale) * math.log2(math.e), int(bool(causal)))
-        # The decode's own buffers: shapes, dtypes and strides are right by construction.
-        launch_combine(o_accum, lse_accum, num_splits, out, lse)
+    decode_args = (q_rows, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                   out_rows_view(out, h_kv), lse_rows_view(lse, h_kv), o_accum, lse_accum,
+                   float(softmax_scale) * math.log2(math.e), int(bool(causal)))
+    # The decode's own buffers: shapes, dtypes and strides are right by construction.
+    combine_args = prepare_combine_args(o_accum, lse_accum, num_splits, out, lse)
+    combine = None
+    if combine_args is not None:
+        combine = compile_combine(out.dtype, threads_and_warps=launch_shape(b, h_kv, rows))
+    return decode, decode_args, combine, combine_args, out, lse
+
+
+def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                     softmax_scale, causal, schedule=None):
+    """Split-KV decode + combine on the current stream. Inputs must already be validated.
+
+    q [b, s_q, h_q, d]; kcache [num_blocks, 64, h_kv, d]; block_table [b, max_blocks] int32;
+    cache_seqlens [b] int32; metadata from cutemla.schedule. Returns (out [b, s_q, h_q, 512] in q's
+    dtype, lse [b, h_q, s_q] fp32 natural log). No host sync; allocations depend only on shapes.
+    schedule: the decode kernel's consumer loop ("seesaw", "pipelined" or "split_s"); default
+    CUTEMLA_DECODE_SCHEDULE or DEFAULT_SCHEDULE (see decode_variant).
+    """
+    decode, decode_args, combine, combine_args, out, lse = prepare_dense_decode(
+        q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, softmax_scale, causal,
+        schedule)
+    # TVM-FFI launches on the current device's current stream: switch devices only when q is elsewhere
+    # (the guard costs ~7 us of host time).
+    index = q.device.index
+    if index is None or index == torch.cuda.current_device():
+        decode(*decode_args)
+        if combine is not None:
+            combine(*combine_args)
+    else:
+        with torch.cuda.device(q.device):
+            decode(*decode_args)
+            if combine is not None:
+                combine(*combine_args)
     return out, lse

@@ -546,10 +546,11 @@ def get_decode_fn(dtype, d_qk: int = 576, schedule: str = "pipelined", l2_prefet
     "seesaw" (kernels/seesaw.py; 576-column heads only)."""
     from .jit import compile_cache
 
-    if schedule == "seesaw":
+    if schedule in ("seesaw", "seesaw_sync"):
         from .seesaw import compile_decode_seesaw
 
-        build = partial(compile_decode_seesaw, dtype, d_qk, l2_prefetch_blocks=l2_prefetch_blocks)
+        build = partial(compile_decode_seesaw, dtype, d_qk, l2_prefetch_blocks=l2_prefetch_blocks,
+                        blocking_scale1=schedule == "seesaw_sync")
     else:
         build = partial(compile_decode, dtype, d_qk, schedule, l2_prefetch_blocks=l2_prefetch_blocks)
     return compile_cache.get("mla_decode", (str(dtype), d_qk, schedule, l2_prefetch_blocks), build)

@@ -68,13 +68,16 @@ class MlaDecodeSeesaw(MlaDecode):
     """Split-KV MLA decode, seesaw schedule. Same call signature and outputs as MlaDecode."""
 
     def __init__(self, dtype, d_qk: int = D_QK, l2_prefetch_blocks: int = 0,
-                 regs: tuple = (56, 224)):
+                 regs: tuple = (56, 224), blocking_scale1: bool = False):
         assert d_qk == D_QK, "the seesaw schedule keeps P tiles in the RoPE sub-tile: d must be 576"
         self.dtype = dtype
         self.d_qk = d_qk
         self.kv_stages = 2
         self.num_subtiles = NUM_SUBTILES
         self.l2_prefetch_blocks = l2_prefetch_blocks
+        # Consumer 1 waits at SCALE1 instead of only arriving (schedule "seesaw_sync"): an experiment
+        # on compute-sanitizer racecheck's reading of the arrive -> sync hand-off of m1.
+        self.blocking_scale1 = blocking_scale1
         self.subtile_bytes = BLOCK_N * SUBTILE_K * dtype.width // 8
         self.q_bytes = BLOCK_M * d_qk * dtype.width // 8
         # setmaxnreg split (producer, consumer): 128 * p + 256 * c must stay within 168 * 384.
@@ -412,7 +415,10 @@ class MlaDecodeSeesaw(MlaDecode):
             # factor (fewer live registers) before SCALE1 lets consumer 0 overwrite it.
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 rescale[r] = rescale[r] * sScale[tile_row + 8 * r, 0]
-            barriers.arrive(BARRIER_SCALE1, 256)
+            if const_expr(self.blocking_scale1):
+                barriers.sync(BARRIER_SCALE1, 256)
+            else:
+                barriers.arrive(BARRIER_SCALE1, 256)
             sm.rescale_rows(acc_O, rescale)
             # 2. P1 to smem for consumer 0; O_R += P1 V1_R from registers.
             if has1:
@@ -499,11 +505,12 @@ class MlaDecodeSeesaw(MlaDecode):
 
 
 def compile_decode_seesaw(dtype, d_qk: int = D_QK, options: str | None = None,
-                          l2_prefetch_blocks: int = 0, regs: tuple = (56, 224)):
+                          l2_prefetch_blocks: int = 0, regs: tuple = (56, 224), blocking_scale1: bool = False):
     """Compile (uncached) the seesaw decode. Use `get_decode_fn(..., schedule="seesaw")`."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
-    kernel = MlaDecodeSeesaw(dtype, d_qk, l2_prefetch_blocks=l2_prefetch_blocks, regs=regs)
+    kernel = MlaDecodeSeesaw(dtype, d_qk, l2_prefetch_blocks=l2_prefetch_blocks, regs=regs,
+                             blocking_scale1=blocking_scale1)
     return cute.compile(kernel, *_fake_args(dtype, d_qk), fake_stream(),
                         options=options or COMPILE_OPTIONS)
 
