@@ -40,6 +40,13 @@ class MLADecoder:
       they already are them (pass ``decoder.q_buf[:b]`` / ``decoder.block_table[:b]`` to skip the copies);
       the decode always covers all ``max_batch`` rows. Returns views ``out[:b]`` and ``lse[:b]`` of the static
       outputs (also copied into ``out=`` / ``lse=`` when given). Every layer of a step reuses one plan.
+    * **Launch cost.** On the kernel path the decode writes straight into ``out`` / ``lse`` and uses a split
+      workspace the decoder owns (fp32, ``(max_batch + num_sm_parts) * h_kv * s_q * h_q / h_kv * 513`` words,
+      allocated at the first ``run``). The prepared launch arguments are kept per KV-cache tensor (by address,
+      shape and strides), so a repeated ``run`` makes no torch calls besides the input copies: two kernel
+      launches and the checks. Consequences: one decoder serves one stream at a time (the workspace is
+      shared), and the decode variant (``CUTEMLA_DECODE_SCHEDULE``, ``CUTEMLA_L2_PREFETCH``) is fixed at a
+      cache's first ``run``.
     * **CUDA graphs.** Capture ``plan`` and the ``run`` of every layer in one graph (compile kernels before
       capture: one eager step, or ``python -m cutemla.kernels.warmup``). Between replays an engine may change,
       in place: the *values* of the seqlens tensor passed to ``plan`` (or of ``decoder.cache_seqlens`` when
@@ -85,6 +92,10 @@ class MLADecoder:
         self.out = torch.zeros(max_batch, s_q, h_q, D_V, dtype=dtype, device=dev)
         self.lse = torch.full((max_batch, h_q, s_q), float("inf"), dtype=torch.float32, device=dev)
         self.batch: Optional[int] = None  # live batch of the current plan
+        self._uses_kernel: Optional[bool] = None  # decided at the first run (the backend choice is lazy)
+        self._launches: dict = {}  # (kv_cache address, shape, strides) -> prepared kernel launches
+        self._workspace: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._views: dict = {}  # batch -> (out[:b], lse[:b])
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -147,15 +158,49 @@ class MLADecoder:
             self.q_buf[:batch].copy_(q)
         if block_table.data_ptr() != self.block_table.data_ptr():
             self.block_table[:batch, :block_table.shape[1]].copy_(block_table)
-        full_out, full_lse = ops.mla_decode(self.q_buf, kv_cache, self.block_table, self.cache_seqlens,
-                                            self.tile_scheduler_metadata, self.num_splits,
-                                            self.softmax_scale, self.causal)
-        # The decode allocates its outputs (by shape: graph-safe); one copy puts them in the static buffers.
-        self.out.copy_(full_out)
-        self.lse.copy_(full_lse)
-        out_view, lse_view = self.out[:batch], self.lse[:batch]
+        if self._uses_kernel is None:
+            self._uses_kernel = ops._uses_kernel(self.device)
+        if self._uses_kernel:
+            from cutemla import kernels
+
+            kernels.launch(*self._kernel_launches(kv_cache), self.device.index)
+        else:
+            full_out, full_lse = ops.mla_decode(self.q_buf, kv_cache, self.block_table, self.cache_seqlens,
+                                                self.tile_scheduler_metadata, self.num_splits,
+                                                self.softmax_scale, self.causal)
+            self.out.copy_(full_out)
+            self.lse.copy_(full_lse)
+        views = self._views.get(batch)
+        if views is None:
+            views = self._views[batch] = (self.out[:batch], self.lse[:batch])
+        out_view, lse_view = views
         if out is not None:
             out.copy_(out_view)
         if lse is not None:
             lse.copy_(lse_view)
         return (out if out is not None else out_view), (lse if lse is not None else lse_view)
+
+    _MAX_CACHED_LAUNCHES = 1024  # KV caches remembered (a model has one per layer); then start over
+
+    def _kernel_launches(self, kv_cache: torch.Tensor) -> tuple:
+        """The decode + combine launches into the static buffers for this KV cache, prepared once."""
+        key = (kv_cache.data_ptr(), kv_cache.shape, kv_cache.stride())
+        launches = self._launches.get(key)
+        if launches is None:
+            from cutemla import kernels
+            from cutemla.validation import validate_decode_inputs, validate_kernel_inputs
+
+            shape = validate_decode_inputs(self.q_buf, kv_cache, self.block_table, self.cache_seqlens, D_V)
+            validate_kernel_inputs(shape, self.q_buf, kv_cache)
+            if self._workspace is None:
+                rows = self.s_q * (self.h_q // self.h_kv)
+                splits = self.max_batch + self.num_sm_parts
+                self._workspace = (
+                    torch.empty(splits, self.h_kv, rows, D_V, dtype=torch.float32, device=self.device),
+                    torch.empty(splits, self.h_kv, rows, dtype=torch.float32, device=self.device))
+            if len(self._launches) >= self._MAX_CACHED_LAUNCHES:
+                self._launches.clear()
+            launches = self._launches[key] = kernels.dense_decode_launches(
+                self.q_buf, kv_cache, self.block_table, self.cache_seqlens, self.tile_scheduler_metadata,
+                self.num_splits, self.softmax_scale, self.causal, self.out, self.lse, *self._workspace)
+        return launches

@@ -26,6 +26,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from cutemla import kernels  # torch-side launchers only: cutlass loads with the first kernel call
 from cutemla.reference import mla_decode_reference
 from cutemla.validation import (
     check_causal,
@@ -363,8 +364,6 @@ def flash_mla_with_kvcache(
         )
 
     if backend == KERNEL:
-        from cutemla import kernels
-
         return kernels.run_dense_decode(q, k_cache, block_table, cache_seqlens, meta, num_splits,
                                         softmax_scale, causal)
     return mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)

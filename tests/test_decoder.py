@@ -121,3 +121,36 @@ def test_cuda_graph_capture_and_replay_with_new_lengths():
         want_out, want_lse = cutemla.mla_decode_reference(q.cpu(), kcache.cpu(), block_table.cpu(), seqlens.cpu())
         assert_close_flashmla(f"out (replay {replay})", out.cpu(), want_out, **OUT_TOL)
         assert_close_flashmla(f"lse (replay {replay})", lse.cpu(), want_lse, **LSE_TOL)
+
+
+def test_kernel_path_prepares_launches_once_per_cache(monkeypatch):
+    """On the kernel path, run() launches into the static buffers with arguments prepared once per KV cache
+    (by address, shape, strides): a second run of the same cache makes no new preparation; another cache does.
+    The launches themselves are stubbed (CPU), so this checks the bookkeeping, not the kernel."""
+    from cutemla import kernels, ops
+
+    prepared, launched = [], []
+
+    def fake_launches(q, kcache, block_table, seqlens, meta, splits, scale, causal, out, lse, o_accum, lse_accum):
+        prepared.append(kcache)
+        assert out is dec.out and lse is dec.lse and o_accum.shape[0] == dec.max_batch + dec.num_sm_parts
+        assert lse_accum.shape == o_accum.shape[:3] and q is dec.q_buf and meta is dec.tile_scheduler_metadata
+        return ("decode", (kcache,), "combine", ())
+
+    monkeypatch.setattr(ops, "_uses_kernel", lambda device: True)
+    monkeypatch.setattr(kernels, "dense_decode_launches", fake_launches)
+    monkeypatch.setattr(kernels, "launch", lambda *args: launched.append(args))
+    dec = MLADecoder(4, 1, 16, 1, dtype=torch.bfloat16, device="cpu", max_blocks_per_seq=2)
+    dec.plan(torch.tensor([70, 3], dtype=torch.int32))
+    q = torch.zeros(2, 1, 16, 576, dtype=torch.bfloat16)
+    caches = [torch.zeros(4, 64, 1, 576, dtype=torch.bfloat16) for _ in range(2)]
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    for _ in range(3):
+        for cache in caches:
+            out, lse = dec.run(q, cache, table)
+            assert out.shape == (2, 1, 16, 512) and out.data_ptr() == dec.out.data_ptr()
+            assert lse.shape == (2, 16, 1) and lse.data_ptr() == dec.lse.data_ptr()
+    assert len(prepared) == 2 and prepared[0] is caches[0] and prepared[1] is caches[1]
+    assert len(launched) == 6 and launched[-1][1] == (caches[1],)
+    with pytest.raises(ValueError, match="kv_cache"):  # the per-run checks still apply to a cached cache
+        dec.run(q, caches[0][:, :32], table)

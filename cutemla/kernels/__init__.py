@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from ..layouts.cache import fold_q, lse_rows_view, out_rows_view
+from ..layouts.cache import fold_q
 from ..layouts.tiles import D_V, PAGE_SIZE
 
 _TORCH_TO_DSL = {torch.bfloat16: "BFloat16", torch.float16: "Float16"}
@@ -70,10 +70,17 @@ def _tma_ready(t: torch.Tensor, name: str, copy_ok: bool) -> torch.Tensor:
     return t
 
 
-def _dsl_dtype(dtype: torch.dtype):
-    import cutlass
+_DSL_DTYPES = {}
 
-    return getattr(cutlass, _TORCH_TO_DSL[dtype])
+
+def _dsl_dtype(dtype: torch.dtype):
+    """The cutlass dtype of a torch dtype (cutlass is imported on first use, then looked up)."""
+    found = _DSL_DTYPES.get(dtype)
+    if found is None:
+        import cutlass
+
+        found = _DSL_DTYPES[dtype] = getattr(cutlass, _TORCH_TO_DSL[dtype])
+    return found
 
 
 def decode_variant(d: int, rows: int, schedule: str | None = None) -> tuple[str, int]:
@@ -88,47 +95,86 @@ def decode_variant(d: int, rows: int, schedule: str | None = None) -> tuple[str,
     return schedule, int(os.environ.get("CUTEMLA_L2_PREFETCH", default_prefetch))
 
 
-def prepare_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                         softmax_scale, causal, schedule=None):
-    """The two launches of a decode, ready to call: ``(decode, decode_args, combine, combine_args, out, lse)``.
+_launch = None  # (get_decode_fn, compile_combine, launch_shape, MAX_GRID_YZ), imported on first use
 
-    `run_dense_decode` calls ``decode(*decode_args)`` then ``combine(*combine_args)``; profilers and
-    benchmarks of the launch cost call them directly. Allocates out, lse and the split workspace.
+
+def _launch_functions():
+    """The kernel modules' entry points, imported once (a function-level import costs ~2 us a call)."""
+    global _launch
+    if _launch is None:
+        from .combine import MAX_GRID_YZ, compile_combine, launch_shape
+        from .decode import get_decode_fn
+
+        _launch = (get_decode_fn, compile_combine, launch_shape, MAX_GRID_YZ)
+    return _launch
+
+
+def dense_decode_launches(q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                          softmax_scale, causal, out, lse, o_accum, lse_accum, schedule=None):
+    """The two launches of a decode into given buffers: ``(decode, decode_args, combine, combine_args)``.
+
+    ``decode(*decode_args)`` then, unless ``combine`` is None, ``combine(*combine_args)`` run it on the current
+    stream. out ``[b, s_q, h_q, 512]`` (q's dtype) and lse fp32 ``[b, h_q, s_q]`` must be contiguous;
+    o_accum fp32 ``[>= b + num_sm_parts, h_kv, s_q * h_q / h_kv, 512]`` and lse_accum fp32 ``[same, h_kv,
+    rows]`` are the split workspace, contiguous (MLADecoder owns one; prepare_dense_decode allocates one).
     """
-    from .combine import compile_combine, launch_shape, prepare_combine_args
-    from .decode import get_decode_fn
-
+    get_decode_fn, compile_combine, launch_shape, max_grid_yz = _launch_functions()
     b, s_q, h_q, d = q.shape
     h_kv = kcache.shape[2]
     assert kcache.shape[1] == PAGE_SIZE
     if s_q == 1:
         causal = False
-    rows = s_q * (h_q // h_kv)
-    num_parts = tile_scheduler_metadata.shape[0]
-    device = q.device
-
-    out = torch.empty(b, s_q, h_q, D_V, dtype=q.dtype, device=device)
-    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=device)
-    # Split partials: at most b + num_parts splits exist (FlashMLA's bound). One allocation for both
-    # (O first, so the LSE part starts 2 KiB aligned): each torch.empty costs ~4 us of host time.
-    max_splits = b + num_parts
-    o_numel = max_splits * h_kv * rows * D_V
-    workspace = torch.empty(o_numel + max_splits * h_kv * rows, dtype=torch.float32, device=device)
-    o_accum = workspace[:o_numel].view(max_splits, h_kv, rows, D_V)
-    lse_accum = workspace[o_numel:].view(max_splits, h_kv, rows)
-
+    g = h_q // h_kv
+    rows = s_q * g
     decode = get_decode_fn(_dsl_dtype(q.dtype), d, *decode_variant(d, rows, schedule))
-    q_rows = _tma_ready(fold_q(q, h_kv), "q", copy_ok=True)
+    q_rows = _tma_ready(q.reshape(b, rows, 1, d) if h_kv == 1 else fold_q(q, h_kv), "q", copy_ok=True)
     kcache = _tma_ready(kcache, "k_cache", copy_ok=False)
     decode_args = (q_rows, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                   out_rows_view(out, h_kv), lse_rows_view(lse, h_kv), o_accum, lse_accum,
+                   out.view(b, s_q, h_kv, g, D_V), lse.view(b, h_kv, g, s_q), o_accum, lse_accum,
                    float(softmax_scale) * math.log2(math.e), int(bool(causal)))
-    # The decode's own buffers: shapes, dtypes and strides are right by construction.
-    combine_args = prepare_combine_args(o_accum, lse_accum, num_splits, out, lse)
-    combine = None
-    if combine_args is not None:
-        combine = compile_combine(out.dtype, threads_and_warps=launch_shape(b, h_kv, rows))
-    return decode, decode_args, combine, combine_args, out, lse
+    if b * rows == 0:
+        return decode, decode_args, None, None
+    if b > max_grid_yz or h_kv > max_grid_yz:
+        raise ValueError(f"the combine grid puts b ({b}) in z and h_kv ({h_kv}) in y: each must be at most "
+                         f"{max_grid_yz}")
+    combine = compile_combine(q.dtype, threads_and_warps=launch_shape(b, h_kv, rows))
+    return decode, decode_args, combine, (o_accum, lse_accum, num_splits, out, lse)
+
+
+def prepare_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                         softmax_scale, causal, schedule=None):
+    """`dense_decode_launches` into fresh buffers: ``(decode, decode_args, combine, combine_args, out, lse)``.
+
+    Every torch call here costs host time (~2-4 us each on the H100 host), so it makes as few as it can:
+    fresh buffers already have the layouts the compiled kernels declare.
+    """
+    b, s_q, h_q, _ = q.shape
+    h_kv = kcache.shape[2]
+    rows = s_q * (h_q // h_kv)
+    max_splits = b + tile_scheduler_metadata.shape[0]  # FlashMLA's bound on the number of splits
+    device = q.device
+    out = torch.empty(b, s_q, h_q, D_V, dtype=q.dtype, device=device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=device)
+    o_accum = torch.empty(max_splits, h_kv, rows, D_V, dtype=torch.float32, device=device)
+    lse_accum = torch.empty(max_splits, h_kv, rows, dtype=torch.float32, device=device)
+    launches = dense_decode_launches(q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                                     softmax_scale, causal, out, lse, o_accum, lse_accum, schedule)
+    return (*launches, out, lse)
+
+
+def launch(decode, decode_args, combine, combine_args, device_index=None) -> None:
+    """Run the launches of `dense_decode_launches` on the current stream of `device_index`'s device."""
+    # TVM-FFI launches on the current device's current stream: switch devices only when the tensors are
+    # elsewhere (the guard costs ~6 us of host time).
+    if device_index is None or device_index == torch.cuda.current_device():
+        decode(*decode_args)
+        if combine is not None:
+            combine(*combine_args)
+    else:
+        with torch.cuda.device(device_index):
+            decode(*decode_args)
+            if combine is not None:
+                combine(*combine_args)
 
 
 def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
@@ -144,16 +190,5 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
     decode, decode_args, combine, combine_args, out, lse = prepare_dense_decode(
         q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, softmax_scale, causal,
         schedule)
-    # TVM-FFI launches on the current device's current stream: switch devices only when q is elsewhere
-    # (the guard costs ~7 us of host time).
-    index = q.device.index
-    if index is None or index == torch.cuda.current_device():
-        decode(*decode_args)
-        if combine is not None:
-            combine(*combine_args)
-    else:
-        with torch.cuda.device(q.device):
-            decode(*decode_args)
-            if combine is not None:
-                combine(*combine_args)
+    launch(decode, decode_args, combine, combine_args, q.device.index)
     return out, lse
