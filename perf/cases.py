@@ -19,7 +19,13 @@ Grammar (one case)::
   ``d576`` / ``d512``    head dim of q and the cache (V is always the first 512)             576
   ``z0.25``              fraction of requests with length 0 (padding slots)                  0
   ``seed3``              data seed                                                           0
+  ``fp8``                FlashMLA's 656-byte FP8 cache, bf16 q (needs bf16, d576, kv1)       off
+  ``topk2048``           sparse top-k decode over the FP8 cache (implies ``fp8``); SK is     0 (dense)
+                         the cache size indices are drawn from; no causal / varlen / z
   =====================  =================================================================  =========
+
+E.g. ``128x2x32k:h128,fp8,topk2048`` (FlashMLA's V3.2 sparse case), ``128x1x16k:h16,varlen,fp8`` (dense
+decode over the FP8 cache).
 
 Several cases: separate them with spaces or ``;``. :func:`parse_case` raises ``ValueError`` naming the bad part.
 """
@@ -35,7 +41,7 @@ __all__ = ["SweepCase", "parse_case", "parse_cases", "PRESETS", "expand_presets"
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _SIZE = re.compile(r"^(\d+)([kKmM]?)$")
-_OPTION = re.compile(r"^(h|kv|d|z|seed)=?([0-9.]+)$")
+_OPTION = re.compile(r"^(h|kv|d|z|seed|topk)=?([0-9.]+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +59,8 @@ class SweepCase:
     d: int = 576
     zero_frac: float = 0.0
     seed: int = 0
+    fp8: bool = False  # cache in FlashMLA's 656-byte FP8 format (q stays bf16)
+    topk: int = 0  # > 0: sparse top-k decode over the FP8 cache; s_k is then the cache size
 
     def __post_init__(self):
         for name in ("b", "s_q", "h_q", "h_kv"):
@@ -69,6 +77,29 @@ class SweepCase:
             raise ValueError(f"d must be 512 or 576, got {self.d}")
         if not 0.0 <= self.zero_frac < 1.0:
             raise ValueError(f"zero fraction must be in [0, 1), got {self.zero_frac}")
+        self._check_fp8()
+
+    def _check_fp8(self):
+        """The FP8 cache holds one 576-dim latent head and is read with bf16 q; sparse decode picks keys by
+        index, so lengths, masks and padding slots do not apply to it."""
+        if not isinstance(self.topk, int) or self.topk < 0:
+            raise ValueError(f"topk must be a non-negative integer, got {self.topk!r}")
+        if self.topk and not self.fp8:
+            raise ValueError("topk (sparse decode) needs the fp8 cache")
+        if self.fp8 and (self.dtype != "bf16" or self.d != 576 or self.h_kv != 1):
+            raise ValueError(f"fp8 cache needs bf16, d576 and kv1, got {self.dtype}, d{self.d}, kv{self.h_kv}")
+        if self.topk and (self.causal or self.varlen or self.zero_frac):
+            raise ValueError("sparse decode (topk) takes no causal, varlen or z option")
+
+    @property
+    def kv_format(self) -> str:
+        """The cache's format: 'fp8' (656-byte tokens) or q's dtype."""
+        return "fp8" if self.fp8 else self.dtype
+
+    @property
+    def reference_tokens(self) -> int:
+        """Keys the reference gathers: b * s_k dense, b * s_q * topk sparse (it bounds the reference's cost)."""
+        return self.b * self.s_q * self.topk if self.topk else self.b * self.s_k
 
     @property
     def spec(self) -> str:
@@ -88,6 +119,10 @@ class SweepCase:
             opts.append(f"z{self.zero_frac:g}")
         if self.seed:
             opts.append(f"seed{self.seed}")
+        if self.fp8:
+            opts.append("fp8")
+        if self.topk:
+            opts.append(f"topk{self.topk}")
         return f"{self.b}x{self.s_q}x{_format_size(self.s_k)}:{','.join(opts)}"
 
     def __str__(self) -> str:
@@ -105,12 +140,13 @@ class SweepCase:
                           varlen=self.varlen, causal=self.causal, dtype=self.torch_dtype,
                           zero_frac=self.zero_frac, seed=self.seed)
 
-    def shrunk(self, max_b: int = 2, max_s_q: int = 2, max_s_k: int = 96, max_h_q: int = 16) -> "SweepCase":
+    def shrunk(self, max_b: int = 2, max_s_q: int = 2, max_s_k: int = 96, max_h_q: int = 16,
+               max_topk: int = 64) -> "SweepCase":
         """A tiny case of the same kind (same flags) for CPU dry runs."""
         h_q = min(self.h_q, max_h_q)
         h_kv = self.h_kv if h_q % self.h_kv == 0 else 1
         return dataclasses.replace(self, b=min(self.b, max_b), s_q=min(self.s_q, max_s_q),
-                                   s_k=min(self.s_k, max_s_k), h_q=h_q, h_kv=h_kv)
+                                   s_k=min(self.s_k, max_s_k), h_q=h_q, h_kv=h_kv, topk=min(self.topk, max_topk))
 
     @property
     def baseline_key(self) -> tuple:
@@ -171,18 +207,22 @@ def parse_case(spec: str) -> SweepCase:
                 set_once("varlen", token == "varlen", token)
             elif token in _DTYPES:
                 set_once("dtype", token, token)
+            elif token == "fp8":
+                set_once("fp8", True, token)
             else:
                 match = _OPTION.match(token)
                 if not match:
                     raise ValueError(
                         f"unknown option {token!r} in case {spec!r}; options are h<N>, kv<N>, causal, fixed, "
-                        "varlen, bf16, fp16, d<512|576>, z<fraction>, seed<N>")
+                        "varlen, bf16, fp16, d<512|576>, z<fraction>, seed<N>, fp8, topk<N>")
                 key, number = match.groups()
                 try:
                     value = float(number) if key == "z" else int(number)
                 except ValueError:
                     raise ValueError(f"option {token!r} in case {spec!r} needs a number") from None
                 set_once({"h": "h_q", "kv": "h_kv", "z": "zero_frac"}.get(key, key), value, token)
+    if fields.get("topk"):
+        fields["fp8"] = True  # topk<N> implies the FP8 cache; a repeated 'fp8' is not a conflict
     try:
         return SweepCase(**fields)
     except ValueError as exc:
@@ -250,12 +290,27 @@ def _serving() -> list[SweepCase]:
     ]
 
 
+def _fp8() -> list[SweepCase]:
+    # Sparse top-k decode: FlashMLA's V3.2 cases (perf/sparse_fp8.py "flashmla", s_kv = 32k, topk 2048) and two
+    # TP ranks (h_q 16/32 of its "tp" set). Dense FP8: the memory-bound, compute-bound and long-context corners
+    # of the bf16 flashmla preset, to read against the bf16 rows (656 instead of 1152 bytes per token).
+    from .sparse_fp8 import PRESETS as SPARSE
+
+    tp = [row for row in SPARSE["tp"] if row[0] == 128 and row[3] == 2048]
+    cases = [SweepCase(b, s_q, s_kv, h_q, fp8=True, topk=topk) for b, s_q, h_q, topk, s_kv in SPARSE["flashmla"] + tp]
+    cases += [SweepCase(128, 1, 16384, h, varlen=True, fp8=True) for h in (16, 64, 128)]
+    cases += [SweepCase(128, 2, 8192, 128, causal=True, varlen=True, fp8=True),
+              SweepCase(1, 1, 65536, 16, fp8=True), SweepCase(32, 1, 2048, 128, fp8=True)]
+    return cases
+
+
 PRESETS = {
     "flashmla": (_flashmla, "the 28 configs of perf/baselines/flashmla_h100.csv (FlashMLA on H100)"),
     "memory-bound": (_memory_bound, "h_q*s_q <= 64 (TP-split heads): bandwidth-bound"),
     "compute-bound": (_compute_bound, "h_q=128, s_q 1-4: near or past the H100 ridge"),
     "long-context": (_long_context, "b 1-16, s_k 32k-128k, h_q 16/128"),
     "serving": (_serving, "mixed lengths, padding slots, MTP, TP head counts"),
+    "fp8": (_fp8, "FP8 cache: FlashMLA's V3.2 sparse top-k cases + TP h16/32, and dense FP8 decode"),
 }
 
 

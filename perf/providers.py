@@ -16,7 +16,13 @@
 * ``flashinfer``: ``flashinfer.mla.BatchMLAPagedAttentionWrapper`` on the same paged cache (split into
   contiguous ckv [.., 512] and kpe [.., 64] copies), planned once (``plan`` is host work, so there is no
   ``full`` timing). Skipped when flashinfer is not importable, or for h_kv != 1 / d != 576.
-* ``flashmla-baseline``: no run; the matching row of perf/baselines/flashmla_h100.csv (H100, FlashMLA 9241ae3).
+* ``flashmla-baseline``: no run; the matching row of perf/baselines/flashmla_h100.csv (H100, FlashMLA 9241ae3),
+  or for the sparse FP8 case FlashMLA reports (b128, s_q 2, h_q 128, topk 2048) its ~410 TFLOP/s on an H800.
+
+FP8 cases (``fp8`` / ``topk<N>``, perf/cases.py): ``cutemla`` calls ``flash_mla_with_kvcache(...,
+is_fp8_kvcache=True)`` with ``indices`` (sparse) or without (dense, bf16 q over the 656-byte cache) and
+``reference`` runs ``cutemla.reference_sparse``; inputs, FLOPs and bytes come from perf/sparse_fp8.py. The SDPA
+and flashinfer providers have no FP8 cache and skip these cases.
 """
 from __future__ import annotations
 
@@ -74,13 +80,37 @@ class Provider:
 
 
 def _mean_sk(data) -> float:
-    return float(data.cache_seqlens.double().mean())
+    return float(data.mean_seqlen)
+
+
+def _is_sparse(data) -> bool:
+    return getattr(data, "indices", None) is not None
+
+
+def _is_fp8(data) -> bool:
+    return data.kcache.dtype == torch.uint8  # FlashMLA's packed 656-byte tokens
+
+
+def _fp8_work(data) -> tuple[float, float]:
+    """(FLOPs, bytes) of an FP8 case by perf/sparse_fp8.py's formulas (656 bytes per cache token read)."""
+    from .sparse_fp8 import dense_fp8_metrics, metrics
+
+    b, s_q, h_q, _ = data.q.shape
+    if _is_sparse(data):
+        return metrics(b, s_q, h_q, data.indices.shape[-1], data.indices)
+    return dense_fp8_metrics(b, s_q, h_q, data.cache_seqlens)
+
+
+def _bf16_cache_only(case) -> Optional[str]:
+    return "skipped: no FP8 cache in this provider" if case.fp8 else None
 
 
 class CutemlaProvider(Provider):
     name = "cutemla"
 
     def build(self, data, copies):
+        if _is_fp8(data):
+            return self._build_fp8(data, copies)
         import warnings
 
         from cutemla.interface import active_backend, flash_mla_with_kvcache, get_mla_metadata
@@ -115,16 +145,62 @@ class CutemlaProvider(Provider):
             extra={"num_sm_parts": int(meta.shape[0]), "total_splits": int(num_splits[-1])},
         )
 
+    def _build_fp8(self, data, copies):
+        """``is_fp8_kvcache=True``: sparse with ``indices`` (FlashMLASchedMeta only records the config, so
+        ``reuse`` keeps one), dense without (old-style split-KV metadata reused, as the bf16 path)."""
+        import warnings
+
+        from cutemla.interface import active_backend, flash_mla_with_kvcache, get_mla_metadata
+
+        q, kcache = data.q, data.kcache
+        b, s_q, h_q, _ = q.shape
+        sparse = _is_sparse(data)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="cutemla: CuTe DSL kernel unavailable")
+            backend = active_backend(q.device)
+            if sparse:
+                meta, num_splits = get_mla_metadata()
+            else:
+                # old-style metadata rejects is_fp8_kvcache; the split schedule depends only on lengths and shape
+                meta, num_splits = get_mla_metadata(data.cache_seqlens, s_q * h_q, 1, h_q)
+        caches = [kcache] + [kcache.clone() for _ in range(copies - 1)]
+        if sparse:
+            args = dict(is_fp8_kvcache=True, indices=data.indices, attn_sink=data.attn_sink)
+            block_table = seqlens = None
+        else:
+            args = dict(is_fp8_kvcache=True, causal=data.case.causal)
+            block_table, seqlens = data.block_table, data.cache_seqlens
+
+        def make_full(cache):
+            def call():
+                sched, _ = get_mla_metadata()
+                return flash_mla_with_kvcache(q, cache, block_table, seqlens, DV, sched, **args)[0]
+            return call
+
+        def make_reuse(cache):
+            def call():
+                return flash_mla_with_kvcache(q, cache, block_table, seqlens, DV, meta, num_splits, **args)[0]
+            return call
+
+        flops, nbytes = _fp8_work(data)
+        extra = {} if sparse else {"num_sm_parts": int(meta.shape[0]), "total_splits": int(num_splits[-1])}
+        return Bench(reuse=[make_reuse(c) for c in caches], full=[make_full(c) for c in caches],
+                     capturable=backend == "kernel", backend=backend, flops=flops, nbytes=nbytes,
+                     output=make_reuse(kcache), has_metadata=not sparse, extra=extra)
+
 
 class ReferenceProvider(Provider):
     name = "reference"
 
     def skip_reason(self, case, limits):
-        if case.b * case.s_k > limits.reference_max_tokens:
-            return f"skipped: b*s_k = {case.b * case.s_k} > {limits.reference_max_tokens} (reference too slow)"
+        if case.reference_tokens > limits.reference_max_tokens:
+            what = "b*s_q*topk" if case.topk else "b*s_k"
+            return f"skipped: {what} = {case.reference_tokens} > {limits.reference_max_tokens} (reference too slow)"
         return None
 
     def build(self, data, copies):
+        if _is_fp8(data):
+            return self._build_fp8(data)
         from cutemla.reference import mla_decode_reference
 
         q, kcache, block_table, seqlens = data.q, data.kcache, data.block_table, data.cache_seqlens
@@ -138,6 +214,21 @@ class ReferenceProvider(Provider):
         return Bench(reuse=[call], full=None, capturable=False, backend="reference (fp32 torch)",
                      flops=decode_flops(b, s_q, h_q, h_kv, mean_sk, d=d),
                      nbytes=decode_bytes(b, s_q, h_q, h_kv, mean_sk, d=d), output=call)
+
+    @staticmethod
+    def _build_fp8(data):
+        from cutemla.reference_sparse import dense_fp8_mla_decode_reference, sparse_mla_decode_reference
+
+        if _is_sparse(data):
+            def call():
+                return sparse_mla_decode_reference(data.q, data.kcache, data.indices, attn_sink=data.attn_sink)[0]
+        else:
+            def call():
+                return dense_fp8_mla_decode_reference(data.q, data.kcache, data.block_table, data.cache_seqlens, DV,
+                                                      None, data.case.causal)[0]
+        flops, nbytes = _fp8_work(data)
+        return Bench(reuse=[call], full=None, capturable=False, backend="reference (fp32 torch, FP8 dequantised)",
+                     flops=flops, nbytes=nbytes, output=call)
 
 
 def _randn(shape, dtype, device, gen):
@@ -161,6 +252,8 @@ class SdpaMhaProvider(Provider):
         return float(case.b) * case.h_q * case.s_k * (self.QK + self.V) * 2
 
     def skip_reason(self, case, limits):
+        if case.fp8:
+            return _bf16_cache_only(case)
         need = self._kv_bytes(case) * (1.5 if case.varlen else 1.0)
         if need > limits.memory_budget_bytes:
             return (f"skipped: MHA K/V cache would need {need / 2**30:.1f} GiB "
@@ -201,6 +294,8 @@ class SdpaLatentProvider(Provider):
     name = "sdpa-latent"
 
     def skip_reason(self, case, limits):
+        if case.fp8:
+            return _bf16_cache_only(case)
         kv = float(case.b) * case.h_kv * case.s_k * case.d * 2
         scores = 3.0 * case.b * case.h_q * case.s_q * case.s_k * 4  # math backend: fp32 scores + softmax
         need = (kv + scores) * (1.5 if case.varlen else 1.0)
@@ -267,6 +362,8 @@ class FlashInferProvider(Provider):
             import flashinfer.mla  # noqa: F401
         except Exception as exc:  # ImportError, or a broken CUDA build
             return f"skipped: flashinfer not importable ({type(exc).__name__})"
+        if case.fp8:
+            return _bf16_cache_only(case)
         if case.h_kv != 1 or case.d != 576:
             return "skipped: flashinfer MLA needs h_kv == 1 and d == 576"
         return None
@@ -334,7 +431,7 @@ class FlashMLABaselineProvider(Provider):
     device_name = "NVIDIA H100 80GB HBM3"
 
     def baseline_row(self, case) -> Optional[dict]:
-        if case.h_kv != 1 or case.d != 576 or case.dtype != "bf16" or case.zero_frac or case.seed:
+        if case.fp8 or case.h_kv != 1 or case.d != 576 or case.dtype != "bf16" or case.zero_frac or case.seed:
             return None
         frame = load_baseline()
         b, s_q, s_k, h_q, causal, varlen = case.baseline_key

@@ -35,21 +35,23 @@ _SCHEMA = {
     # configuration (what ran)
     "b": ("int64", "batch size"),
     "s_q": ("int64", "queries per request"),
-    "s_k": ("int64", "KV length (mean when varlen)"),
+    "s_k": ("int64", "KV length (mean when varlen); sparse: cache tokens the indices are drawn from"),
     "h_q": ("int64", "query heads"),
     "h_kv": ("int64", "KV heads"),
     "d": ("int64", "q/k head dim (576 or 512)"),
     "dv": ("int64", "v head dim (512)"),
-    "dtype": ("str", "bf16 | fp16"),
+    "dtype": ("str", "bf16 | fp16: q (and, unless kv_format says otherwise, the cache)"),
+    "kv_format": ("str", "cache format: bf16 | fp16 | fp8 (656-byte FlashMLA tokens, bytes count 656 per token)"),
+    "topk": ("int64", "sparse top-k slots per query (s_k = cache tokens drawn from); 0 = dense decode"),
     "causal": ("int64", "1 = bottom-right causal"),
     "varlen": ("int64", "1 = lengths ~ N(s_k, (s_k/2)^2)"),
     "zero_frac": ("float64", "fraction of zero-length requests"),
-    "mean_sk": ("float64", "mean KV length actually generated"),
+    "mean_sk": ("float64", "mean KV length actually generated; sparse: valid (not -1) top-k slots per query"),
     "num_sm_parts": ("float64", "cutemla scheduler partitions (NaN for other providers)"),
     "total_splits": ("float64", "cutemla split-KV pieces num_splits[b] (NaN for other providers)"),
     # method
     "timing_full": ("str", "graph | events | host | n/a"),
-    "timing_reuse": ("str", "graph | events | host | baseline-csv | n/a"),
+    "timing_reuse": ("str", "graph | events | host | baseline-csv | reported (a published rate) | n/a"),
     "l2": ("str", "cold: rotate<N> input copies / cold: working set > 3x L2 / host"),
     "trials": ("int64", "timing samples"),
     "replays": ("int64", "calls per sample"),
@@ -78,6 +80,12 @@ _SCHEMA = {
     "cache_load_s": ("float64", "cutemla: first call with the on-disk cache warm (load only)"),
     "max_abs_err": ("float64", "max |out - reference| where the case is small enough to check"),
     "note": ("str", "free text"),
+}
+
+# Columns added after CSVs were written: how to fill them when reading an older file.
+_LATER_COLUMNS = {
+    "kv_format": lambda frame: frame["dtype"],  # before FP8 rows every cache had q's dtype
+    "topk": lambda frame: 0,  # and every row was dense
 }
 
 COLUMNS = list(_SCHEMA)
@@ -113,6 +121,9 @@ def read_results(path) -> pd.DataFrame:
     """Read a sweep CSV back with the schema's dtypes (empty strings stay '' rather than NaN)."""
     frame = pd.read_csv(path, dtype={c: str for c in STRING_COLUMNS}, keep_default_na=False,
                         na_values={c: ["", "nan", "NaN"] for c in COLUMNS if DTYPES[c] != "str"})
+    for column, fill in _LATER_COLUMNS.items():
+        if column not in frame.columns and "dtype" in frame.columns:
+            frame[column] = fill(frame)
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: not a cutemla sweep CSV, missing columns {missing}")

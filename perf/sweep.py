@@ -3,6 +3,7 @@
     python -m perf.sweep --preset flashmla                       # GPU: all providers, CSV + plots
     python -m perf.sweep --case "128x1x16k:h16 4x2x64k:h128,causal" --providers cutemla,flashinfer
     python -m perf.sweep --preset serving --dry-run              # CPU: tiny sizes, reference path, same schema
+    python -m perf.sweep --preset fp8 --providers cutemla,reference,flashmla-baseline   # FP8 cache: sparse + dense
     python -m perf.sweep --list                                  # presets, providers, case grammar
 
 Method (GPU). Inputs come from ``cutemla.testing.make_decode_inputs`` (FlashMLA's test data: randn/10
@@ -14,7 +15,10 @@ Each of ``--trials`` samples is the mean of ``--replays`` graph replays; the CSV
 baseline did. Kernel times per stage come from ``torch.profiler`` over eager calls. Calls that cannot be
 captured fall back to CUDA events (``timing_*`` columns). Columns: perf/schema.py.
 
-``--dry-run`` (or ``--device cpu``): every case shrunk to b<=2, s_q<=2, s_k<=96, h_q<=16, the cutemla provider
+FP8 cases (``fp8``, ``topk<N>``; preset ``fp8``): inputs, FLOPs and bytes (656 per cache token read) from
+perf/sparse_fp8.py, so the rows match its standalone script; ``kv_format`` and ``topk`` say which kind ran.
+
+``--dry-run`` (or ``--device cpu``): every case shrunk to b<=2, s_q<=2, s_k<=96, h_q<=16, topk<=64, the cutemla provider
 runs the reference path, timing with ``time.perf_counter``; for CI and for the CSV schema, not for numbers.
 """
 from __future__ import annotations
@@ -164,7 +168,8 @@ def _run_provider(provider, run_case: SweepCase, data, info: DeviceInfo, options
     if reference_out is not None and bench.output is not None:
         out = bench.output().float()
         row["max_abs_err"] = float((out - reference_out).abs().max())
-    if provider.name == "cutemla" and bench.backend == "kernel" and options.compile_timing:
+    # measure_compile times the bf16 dense call; the FP8 kernels' first calls are not timed here.
+    if provider.name == "cutemla" and bench.backend == "kernel" and options.compile_timing and not run_case.fp8:
         key = (run_case.dtype, run_case.d, run_case.h_kv)
         if key not in compile_times:
             compile_times[key] = measure_compile(run_case, data.q.device)
@@ -179,12 +184,15 @@ def _baseline_row(provider, case: SweepCase) -> dict:
     from cutemla.profile import device_peaks
     from cutemla.testing import decode_bytes, decode_flops
 
+    if case.fp8:
+        return _fp8_baseline_row(case)
     hit = provider.baseline_row(case)
     peaks = device_peaks(provider.device_name)
     row = dict(backend="baseline-csv", device=provider.device_name, num_sms=132, timing_full="n/a",
                timing_reuse="baseline-csv", l2="cold: working set > 3x L2 (FlashMLA method)", trials=5, replays=50,
                torch_version="2.11 (baseline)", git_sha="FlashMLA 9241ae3",
                b=case.b, s_q=case.s_q, s_k=case.s_k, h_q=case.h_q, h_kv=case.h_kv, d=case.d, dtype=case.dtype,
+               kv_format=case.kv_format, topk=case.topk,
                causal=int(case.causal), varlen=int(case.varlen), zero_frac=case.zero_frac,
                peak_tflops=peaks.flops_per_s / 1e12, peak_gbps=peaks.hbm_bytes_per_s / 1e9, peak_source=peaks.label)
     if hit is None:
@@ -197,6 +205,69 @@ def _baseline_row(provider, case: SweepCase) -> dict:
                max_abs_err=hit["max_abs_err"], note="FlashMLA on H100 (perf/baselines/README.md)")
     row.update(roofline(flops, nbytes, float(hit["us"]) * 1e-6, peaks))
     return row
+
+
+def _fp8_baseline_row(case: SweepCase) -> dict:
+    """FlashMLA's one published FP8 number: ~410 TFLOP/s on an H800 for its b128 s_q2 h128 topk2048 sparse case
+    (design/flashmla.md §5). The time is derived from that rate; bytes use the expected distinct tokens of
+    perf/sparse_fp8.py's index draw (no indices are drawn for this row)."""
+    from cutemla.profile import device_peaks
+
+    from .sparse_fp8 import INVALID_FRAC, expected_unique_tokens, flashmla_h800_tflops, fp8_bytes, sparse_flops
+
+    tflops = flashmla_h800_tflops(case.b, case.s_q, case.h_q, case.topk) if case.topk else None
+    peaks = device_peaks("NVIDIA H800")
+    row = dict(backend="reported", device="NVIDIA H800", num_sms=132, timing_full="n/a", timing_reuse="reported",
+               l2="n/a (reported rate)", git_sha="FlashMLA (design/flashmla.md §5)",
+               b=case.b, s_q=case.s_q, s_k=case.s_k, h_q=case.h_q, h_kv=case.h_kv, d=case.d, dv=512,
+               dtype=case.dtype, kv_format=case.kv_format, topk=case.topk, causal=int(case.causal),
+               varlen=int(case.varlen), zero_frac=case.zero_frac,
+               peak_tflops=peaks.flops_per_s / 1e12, peak_gbps=peaks.hbm_bytes_per_s / 1e9, peak_source=peaks.label)
+    if tflops is None:
+        row["status"] = "skipped: no FlashMLA number for this FP8 config"
+        return row
+    flops = sparse_flops(case.b, case.s_q, case.h_q, case.topk)
+    tokens = case.s_k if case.s_k % 64 == 0 else -(-case.s_k // 64) * 64  # make_inputs rounds up to whole pages
+    nbytes = fp8_bytes(case.b, case.s_q, case.h_q, expected_unique_tokens(case.b * case.s_q * case.topk, tokens))
+    seconds = flops / (tflops * 1e12)
+    row.update(status="ok", mean_sk=case.topk * (1 - INVALID_FRAC), t_reuse_min_us=seconds * 1e6, flops=flops,
+               bytes=nbytes, note=f"FlashMLA reports ~{tflops:g} TFLOP/s on H800; time derived, not measured")
+    row.update(roofline(flops, nbytes, seconds, peaks))
+    return row
+
+
+def _make_inputs(case: SweepCase, device: torch.device):
+    """The case's tensors: FlashMLA-style test data, the FP8 cache packed from it, or sparse FP8 inputs."""
+    on_device = device.type == "cuda"
+    if case.topk:
+        from .sparse_fp8 import make_sparse_inputs
+
+        return make_sparse_inputs(case.b, case.s_q, case.h_q, case.topk, case.s_k, seed=case.seed, device=device,
+                                  case=case)
+    if case.fp8:
+        from .sparse_fp8 import make_dense_fp8_inputs
+
+        return make_dense_fp8_inputs(case.decode_case(), device, generate_on_device=on_device)
+    from cutemla.testing import make_decode_inputs
+
+    return make_decode_inputs(case.decode_case(), device, generate_on_device=on_device)
+
+
+def _reference_output(case: SweepCase, data) -> torch.Tensor:
+    """fp32 output of the reference matching the case's kind (bf16/fp16 dense, FP8 dense, FP8 sparse)."""
+    if case.topk:
+        from cutemla.reference_sparse import sparse_mla_decode_reference
+
+        return sparse_mla_decode_reference(data.q, data.kcache, data.indices, attn_sink=data.attn_sink)[0].float()
+    if case.fp8:
+        from cutemla.reference_sparse import dense_fp8_mla_decode_reference
+
+        return dense_fp8_mla_decode_reference(data.q, data.kcache, data.block_table, data.cache_seqlens, 512, None,
+                                              case.causal)[0].float()
+    from cutemla.reference import mla_decode_reference
+
+    return mla_decode_reference(data.q, data.kcache, data.block_table, data.cache_seqlens, 512, None,
+                                case.causal)[0].float()
 
 
 def _memory_budget(info: DeviceInfo, options: SweepOptions) -> float:
@@ -254,6 +325,7 @@ def run_sweep(cases: Iterable, options: Optional[SweepOptions] = None) -> "objec
                         continue
                     row.update(device=info.name, num_sms=info.num_sms, b=run_case.b, s_q=run_case.s_q, s_k=run_case.s_k,
                                h_q=run_case.h_q, h_kv=run_case.h_kv, d=run_case.d, dv=512, dtype=run_case.dtype,
+                               kv_format=run_case.kv_format, topk=run_case.topk,
                                causal=int(run_case.causal), varlen=int(run_case.varlen), zero_frac=run_case.zero_frac,
                                peak_tflops=info.peaks.flops_per_s / 1e12, peak_gbps=info.peaks.hbm_bytes_per_s / 1e9,
                                peak_source=info.peaks.label)
@@ -263,17 +335,10 @@ def run_sweep(cases: Iterable, options: Optional[SweepOptions] = None) -> "objec
                             row["status"] = reason
                         else:
                             if data is None:
-                                from cutemla.testing import make_decode_inputs
-
-                                data = make_decode_inputs(run_case.decode_case(), device,
-                                                          generate_on_device=device.type == "cuda")
-                                if options.check and run_case.b * run_case.s_k <= options.reference_max_tokens:
-                                    from cutemla.reference import mla_decode_reference
-
-                                    reference_out = mla_decode_reference(
-                                        data.q, data.kcache, data.block_table, data.cache_seqlens, 512, None,
-                                        run_case.causal)[0].float()
-                            row["mean_sk"] = float(data.cache_seqlens.double().mean())
+                                data = _make_inputs(run_case, device)
+                                if options.check and run_case.reference_tokens <= options.reference_max_tokens:
+                                    reference_out = _reference_output(run_case, data)
+                            row["mean_sk"] = float(data.mean_seqlen)
                             row.update(_run_provider(provider, run_case, data, info, options, limits, reference_out,
                                                      compile_times))
                     except Exception as exc:

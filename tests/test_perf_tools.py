@@ -21,7 +21,7 @@ from cutemla.profile import (
 from cutemla.testing import DecodeCase, decode_bytes, decode_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # perf/ is not installed; works under bare `pytest`
-from perf import bench_flashmla, profile as perf_profile, sweep
+from perf import bench_flashmla, profile as perf_profile, sparse_fp8, sweep
 from perf.cases import FLASHMLA_CONFIGS, PRESETS, SweepCase, expand_presets, parse_case, parse_cases
 from perf.providers import BASELINE_CSV
 from perf.schema import BASELINE_FIELDS, COLUMNS, DTYPES, read_results, to_frame
@@ -37,6 +37,9 @@ from perf.schema import BASELINE_FIELDS, COLUMNS, DTYPES, read_results, to_frame
     ("2x1x1m:h64,kv2,varlen,d512,z0.25,seed3",
      SweepCase(2, 1, 1 << 20, 64, h_kv=2, varlen=True, d=512, zero_frac=0.25, seed=3)),
     (" 7x3x100:fixed,bf16,kv=1 ", SweepCase(7, 3, 100, 128)),
+    ("128x2x32k:h128,fp8,topk2048", SweepCase(128, 2, 32768, 128, fp8=True, topk=2048)),
+    ("128x2x32k:topk=2048", SweepCase(128, 2, 32768, 128, fp8=True, topk=2048)),  # topk implies fp8
+    ("128x1x16k:h16,varlen,fp8", SweepCase(128, 1, 16384, 16, varlen=True, fp8=True)),
 ])
 def test_case_grammar_parses(text, expected):
     case = parse_case(text)
@@ -47,6 +50,11 @@ def test_case_grammar_parses(text, expected):
 def test_case_spec_is_canonical():
     assert parse_case("128x1x16384:varlen,h16").spec == "128x1x16k:h16,varlen"
     assert SweepCase(1, 1, 100, 16, causal=True, dtype="fp16").spec == "1x1x100:h16,causal,fp16"
+    assert parse_case("2x2x32k:topk2048,h64").spec == "2x2x32k:h64,fp8,topk2048"
+    sparse = parse_case("128x2x32k:h128,topk2048")
+    assert sparse.kv_format == "fp8" and sparse.reference_tokens == 128 * 2 * 2048
+    assert sparse.shrunk() == SweepCase(2, 2, 96, 16, fp8=True, topk=64)
+    assert SweepCase(1, 1, 100, 16).kv_format == "bf16" and SweepCase(1, 1, 100, 16).reference_tokens == 100
 
 
 @pytest.mark.parametrize("text, message", [
@@ -67,6 +75,11 @@ def test_case_spec_is_canonical():
     ("1x1x16k:h1.5", "needs a number"),
     ("1x1x16k:", "empty option"),
     ("1x1x16k:h16,,causal", "empty option"),
+    ("1x1x16k:fp8,fp16", "fp8 cache needs bf16"),
+    ("1x1x16k:h16,kv2,fp8", "fp8 cache needs bf16, d576 and kv1"),
+    ("1x1x16k:fp8,fp8", "conflicts"),
+    ("1x2x16k:topk64,causal", "takes no causal"),
+    ("1x1x16k:topk64,varlen", "takes no causal, varlen"),
 ])
 def test_case_grammar_rejects_bad_strings(text, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -108,6 +121,12 @@ def test_preset_contents():
     assert all(c.h_q == 128 for c in expand_presets(["compute-bound"]))
     serving = expand_presets(["serving"])
     assert any(c.zero_frac for c in serving) and all(c.varlen for c in serving)
+    fp8 = expand_presets(["fp8"])
+    sparse = [(c.b, c.s_q, c.h_q, c.topk, c.s_k) for c in fp8 if c.topk]
+    assert sparse[:8] == sparse_fp8.PRESETS["flashmla"]  # FlashMLA's V3.2 cases, then TP ranks
+    assert {c.h_q for c in fp8 if c.topk} == {16, 32, 64, 128}
+    dense = [c for c in fp8 if not c.topk]
+    assert dense and all(c.fp8 and c.h_kv == 1 and c.dtype == "bf16" for c in dense)
     both = expand_presets(["flashmla", "flashmla"])
     assert len(both) == 28
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
@@ -242,8 +261,88 @@ def test_dry_run_plots_and_baseline_format(dry_run):
 def test_example_results_csv_follows_schema():
     from perf.sweep import RESULTS_DIR
 
-    frame = read_results(RESULTS_DIR / "example-cpu-dryrun-flashmla.csv")
+    path = RESULTS_DIR / "example-cpu-dryrun-flashmla.csv"
+    frame = read_results(path)
     assert frame["dry_run"].all() and set(frame.provider) == set(PROVIDERS) and frame.case.nunique() == 28
+    # Written before the FP8 columns: read_results fills them (cache = q's dtype, dense).
+    assert "kv_format" not in pd.read_csv(path, nrows=1).columns
+    assert (frame.kv_format == frame["dtype"]).all() and (frame.topk == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FP8 rows: formulas (perf/sparse_fp8.py) and the dry run of the fp8 preset
+
+
+def test_fp8_formulas():
+    # FlashMLA's V3.2 case: b128, s_q 2, h_q 128, topk 2048 over 32k tokens.
+    assert sparse_fp8.sparse_flops(128, 2, 128, 2048) == 146_028_888_064  # 2*b*s_q*h_q*topk*(576+512)
+    assert sparse_fp8.fp8_bytes(128, 2, 128, 32768) == 71_303_168 + 32768 * 656  # q + out, 656 B per token
+    indices = torch.tensor([[[0, 5, 5, -1], [7, 0, -1, -1]]], dtype=torch.int32)  # b1 s_q2 topk4: {0, 5, 7}
+    flop, nbytes = sparse_fp8.metrics(1, 2, 16, 4, indices)
+    assert flop == 2 * 1 * 2 * 16 * 4 * 1088 and nbytes == 2 * 1 * 2 * 16 * 1088 + 3 * 656
+    seqlens = torch.tensor([100, 0, 28], dtype=torch.int32)  # dense FP8: every token of every request
+    flop, nbytes = sparse_fp8.dense_fp8_metrics(3, 2, 16, seqlens)
+    assert flop == decode_flops(3, 2, 16, 1, 128 / 3) == pytest.approx(2 * 2 * 16 * 128 * 1088)
+    assert nbytes == 2 * 3 * 2 * 16 * 1088 + 128 * 656
+    assert nbytes < decode_bytes(3, 2, 16, 1, 128 / 3)  # 656 < 1152 bytes per token
+    # 1000 draws from 32k tokens: E[distinct] = s_kv * (1 - (1 - 1/s_kv)^(0.99 * 1000)) ~ 975
+    assert sparse_fp8.expected_unique_tokens(1000, 32768) == pytest.approx(975.2, abs=0.1)
+    assert sparse_fp8.flashmla_h800_tflops(128, 2, 128, 2048) == 410.0
+    assert sparse_fp8.flashmla_h800_tflops(64, 2, 128, 2048) is None
+
+
+FP8_PROVIDERS = ["cutemla", "reference", "sdpa-latent", "flashmla-baseline"]
+
+
+@pytest.fixture(scope="module")
+def fp8_dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep-fp8") / "fp8.csv"
+    rc = sweep.main(["--preset", "fp8", "--dry-run", "--out", str(out), "--no-progress", "--no-plots",
+                     "--trials", "1", "--replays", "1", "--providers", ",".join(FP8_PROVIDERS)])
+    assert rc == 0
+    return read_results(out)
+
+
+def test_fp8_dry_run_schema(fp8_dry_run):
+    frame = fp8_dry_run
+    assert list(frame.columns) == COLUMNS
+    cases = [c.spec for c in expand_presets(["fp8"])]
+    assert set(zip(frame.provider, frame.case)) == {(p, c) for p in FP8_PROVIDERS for c in cases}
+    assert len(frame) == len(cases) * len(FP8_PROVIDERS) and (frame.kv_format == "fp8").all()
+    assert (frame[frame.provider == "sdpa-latent"].status == "skipped: no FP8 cache in this provider").all()
+
+
+def test_fp8_dry_run_rows(fp8_dry_run):
+    frame = fp8_dry_run.set_index(["provider", "case"])
+    for case in expand_presets(["fp8"]):
+        small = case.shrunk()
+        for provider in ("cutemla", "reference"):
+            row = frame.loc[(provider, case.spec)]
+            assert row.status == "ok", (provider, case.spec, row.status)
+            assert row.dry_run == 1 and row.t_reuse_min_us > 0 and row.tflops > 0 and row.gbps > 0
+            assert (row.b, row.s_q, row.s_k, row.h_q, row.topk) == (small.b, small.s_q, small.s_k, small.h_q,
+                                                                     small.topk)
+            q_out = 2.0 * small.b * small.s_q * small.h_q * 1088  # the CSV keeps 6 significant digits
+            if case.topk:  # every slot counted; bytes = q + out + 656 per distinct token of the 2-page pool
+                assert row.flops == pytest.approx(2.0 * small.b * small.s_q * small.h_q * small.topk * 1088, rel=1e-5)
+                tokens = (row.bytes - q_out) / 656
+                assert tokens == pytest.approx(round(tokens), abs=0.01) and 1 <= tokens <= 128
+                assert 0.9 * small.topk <= row.mean_sk <= small.topk  # ~1% of the slots are -1
+            else:  # every token of every request, 656 bytes each
+                tokens = row.mean_sk * small.b
+                assert row.flops == pytest.approx(2.0 * small.s_q * small.h_q * tokens * 1088, rel=1e-5)
+                assert row.bytes == pytest.approx(q_out + tokens * 656, rel=1e-5)
+        ours = frame.loc[("cutemla", case.spec)]
+        assert ours.backend == "reference" and ours.max_abs_err == 0.0  # the reference path on the CPU
+        assert math.isnan(ours.num_sm_parts) == bool(case.topk)  # dense FP8 has the split-KV schedule
+    h800 = frame.loc[("flashmla-baseline", "128x2x32k:h128,fp8,topk2048")]
+    assert h800.status == "ok" and h800.device == "NVIDIA H800" and h800.tflops == pytest.approx(410.0)
+    assert h800.flops == pytest.approx(146_028_888_064, rel=1e-5)
+    assert h800.t_reuse_min_us == pytest.approx(146_028_888_064 / 410e6, rel=1e-5)
+    assert h800.bytes == pytest.approx(71_303_168 + 656 * 32768, rel=1e-3)  # ~all 32k tokens are hit
+    assert h800.topk == 2048 and h800.h_q == 128 and h800.bound == "compute"
+    others = frame.xs("flashmla-baseline", level="provider").drop(index="128x2x32k:h128,fp8,topk2048")
+    assert others.status.str.startswith("skipped").all()
 
 
 def test_to_frame_rejects_unknown_columns():
