@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from cutemla import ops
+from cutemla import kernels, ops  # kernels: torch-side launchers only (cutlass loads at the first launch)
 from cutemla.schedule import num_sm_parts
 from cutemla.validation import SCHED_META_ROW_WORDS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_softmax_scale
 
@@ -161,8 +161,6 @@ class MLADecoder:
         if self._uses_kernel is None:
             self._uses_kernel = ops._uses_kernel(self.device)
         if self._uses_kernel:
-            from cutemla import kernels
-
             kernels.launch(*self._kernel_launches(kv_cache), self.device.index)
         else:
             full_out, full_lse = ops.mla_decode(self.q_buf, kv_cache, self.block_table, self.cache_seqlens,
@@ -187,7 +185,6 @@ class MLADecoder:
         key = (kv_cache.data_ptr(), kv_cache.shape, kv_cache.stride())
         launches = self._launches.get(key)
         if launches is None:
-            from cutemla import kernels
             from cutemla.validation import validate_decode_inputs, validate_kernel_inputs
 
             shape = validate_decode_inputs(self.q_buf, kv_cache, self.block_table, self.cache_seqlens, D_V)
