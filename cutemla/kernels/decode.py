@@ -398,14 +398,8 @@ class MlaDecode:
         warpgroup's 32 combined with the other's through shared memory."""
         if n * BLOCK_N + BLOCK_N > tile_border:
             sm.mask_scores(acc_S, tidx, n * BLOCK_N + key_offset, border0, border1)
-        block_max = sm.block_row_max(acc_S)
-        if quad_leader:
-            sRowMax[tile_row, wg] = block_max[0]
-            sRowMax[tile_row + 8, wg] = block_max[1]
-        cute.arch.barrier(barrier_id=BARRIER_ROW_MAX, number_of_threads=256)
-        block_max[0] = cute.arch.fmax(block_max[0], sRowMax[tile_row, 1 - wg])
-        block_max[1] = cute.arch.fmax(block_max[1], sRowMax[tile_row + 8, 1 - wg])
-        return block_max
+        return sm.exchange_row_max(sm.block_row_max(acc_S), sRowMax, tile_row, wg, quad_leader,
+                                   BARRIER_ROW_MAX)
 
     @cute.jit
     def softmax_to_registers(self, acc_S, rP, rescale, n, tile_border, tidx, key_offset, border0,

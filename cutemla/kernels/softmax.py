@@ -103,6 +103,21 @@ def rescale_rows(acc_O: cute.Tensor, rescale: cute.Tensor):
 
 
 @cute.jit
+def exchange_row_max(block_max: cute.Tensor, sRowMax: cute.Tensor, tile_row, wg, quad_leader,
+                     barrier_id: cutlass.Constexpr[int]) -> cute.Tensor:
+    """Row maxima of a tile whose keys two consumer warpgroups split: publish this warpgroup's in
+    sRowMax[:, wg] (64 x 2), then fold in the other's after a 256-thread named barrier (both warpgroups
+    reach it from one instruction in the kernels that call this)."""
+    if quad_leader:
+        sRowMax[tile_row, wg] = block_max[0]
+        sRowMax[tile_row + 8, wg] = block_max[1]
+    cute.arch.barrier(barrier_id=barrier_id, number_of_threads=256)
+    block_max[0] = cute.arch.fmax(block_max[0], sRowMax[tile_row, 1 - wg])
+    block_max[1] = cute.arch.fmax(block_max[1], sRowMax[tile_row + 8, 1 - wg])
+    return block_max
+
+
+@cute.jit
 def exchange_row_sums(row_sum: cute.Tensor, sRowSum: cute.Tensor, tile_row, wg, quad_leader, buf,
                       barrier_id: cutlass.Constexpr[int]) -> cute.Tensor:
     """Whole-row sums when two consumer warpgroups each summed part of a row's keys: quad-reduce this

@@ -420,13 +420,8 @@ class MlaSparseDecodeFp8:
                      scale_log2: Float32):
         """Masked scores of one tile -> row maxima over both warpgroups, online softmax step, bf16 P in
         registers and the factor O must be rescaled by."""
-        block_max = sm.block_row_max(acc_S)
-        if quad_leader:
-            sRowMax[tile_row, wg] = block_max[0]
-            sRowMax[tile_row + 8, wg] = block_max[1]
-        cute.arch.barrier(barrier_id=BARRIER_ROW_MAX, number_of_threads=256)
-        block_max[0] = cute.arch.fmax(block_max[0], sRowMax[tile_row, 1 - wg])
-        block_max[1] = cute.arch.fmax(block_max[1], sRowMax[tile_row + 8, 1 - wg])
+        block_max = sm.exchange_row_max(sm.block_row_max(acc_S), sRowMax, tile_row, wg, quad_leader,
+                                        BARRIER_ROW_MAX)
         factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
         rescale[0] = factors[0]
         rescale[1] = factors[1]
