@@ -53,6 +53,17 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def check_attn_sink(attn_sink, h_q: int) -> None:
+    """attn_sink: None, or a float32 [h_q] tensor (one sink logit per query head)."""
+    if attn_sink is None:
+        return
+    _check_tensor("attn_sink", attn_sink)
+    if attn_sink.dtype != torch.float32:
+        raise TypeError(f"attn_sink must be torch.float32, got {attn_sink.dtype}")
+    if attn_sink.shape != (h_q,):
+        raise ValueError(f"attn_sink must be [h_q={h_q}], got shape {tuple(attn_sink.shape)}")
+
+
 def _check_q(q: torch.Tensor) -> None:
     _check_tensor("q", q)
     if q.dtype != torch.bfloat16:
@@ -127,12 +138,7 @@ def sparse_mla_decode_reference(
     if d_v != SPARSE_HEAD_DIM_V:
         raise ValueError(f"d_v must be {SPARSE_HEAD_DIM_V}, got {d_v}")
     topk = indices.shape[2]
-    if attn_sink is not None:
-        _check_tensor("attn_sink", attn_sink)
-        if attn_sink.dtype != torch.float32:
-            raise TypeError(f"attn_sink must be float32, got {attn_sink.dtype}")
-        if attn_sink.shape != (h_q,):
-            raise ValueError(f"attn_sink must be [h_q={h_q}], got shape {tuple(attn_sink.shape)}")
+    check_attn_sink(attn_sink, h_q)
     device = q.device
     slot_valid = indices.to(device) != INVALID_INDEX  # [b, s_q, topk]
     if topk_length is not None:

@@ -28,6 +28,7 @@ from typing import Tuple
 import torch
 
 from cutemla.layouts.fp8_cache import FP8_BYTES_PER_TOKEN, FP8_HEAD_DIM
+from cutemla.reference_sparse import check_attn_sink
 from cutemla.validation import check_softmax_scale, debug_enabled
 
 __all__ = ["validate_sparse_inputs", "flash_mla_sparse_fp8"]
@@ -62,12 +63,7 @@ def validate_sparse_inputs(q, k_cache, indices, head_dim_v, causal, attn_sink, t
         raise ValueError(f"head_dim_v must be 512, got {head_dim_v}")
     if causal and s_q > 1:
         raise ValueError("causal must be False for sparse decode (indices select the keys; FlashMLA asserts this)")
-    if attn_sink is not None:
-        _tensor("attn_sink", attn_sink)
-        if attn_sink.dtype != torch.float32:
-            raise TypeError(f"attn_sink must be torch.float32, got {attn_sink.dtype}")
-        if attn_sink.shape != (h_q,):
-            raise ValueError(f"attn_sink must be [h_q={h_q}], got shape {tuple(attn_sink.shape)}")
+    check_attn_sink(attn_sink, h_q)
     if topk_length is not None:
         _tensor("topk_length", topk_length)
         if topk_length.dtype != torch.int32:
