@@ -23,6 +23,7 @@ import torch
 
 import cutemla
 from cutemla import interface, kernels, ops
+from cutemla.decoder import MLADecoder
 from cutemla.schedule import get_decoding_sched_meta
 
 
@@ -91,6 +92,9 @@ def measure_cuda(iters: int = 5000, b: int = 1, s_q: int = 1, h_q: int = 16, h_k
     seqlens = torch.full((b,), seqlen, dtype=torch.int32, device=device)
     meta, splits = cutemla.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv, h_q)
     sched = cutemla.get_mla_metadata()[0]
+    decoder = MLADecoder(b, s_q, h_q, h_kv, dtype=torch.bfloat16, device=device, max_blocks_per_seq=4)
+    decoder.plan(seqlens)
+    decoder.block_table[:b].copy_(block_table)
     calls = {
         "flash_mla_with_kvcache (FlashMLASchedMeta reused)":
             lambda: cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, sched, causal=True),
@@ -103,17 +107,11 @@ def measure_cuda(iters: int = 5000, b: int = 1, s_q: int = 1, h_q: int = 16, h_k
                 *cutemla.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv, h_q), causal=True),
         "cutemla.ops.mla_decode (eager, no dispatcher)":
             lambda: ops.mla_decode(q, kcache, block_table, seqlens, meta, splits, causal=True),
-        "MLADecoder.run (static buffers, prepared launches; plan() once)": None,
+        "MLADecoder.run (static buffers, prepared launches; plan() once)":
+            lambda: decoder.run(decoder.q_buf[:b], kcache, decoder.block_table[:b]),
         "kernels.run_dense_decode (launches only)":
             lambda: kernels.run_dense_decode(q, kcache, block_table, seqlens, meta, splits, 576 ** -0.5, True),
     }
-    from cutemla.decoder import MLADecoder
-
-    decoder = MLADecoder(b, s_q, h_q, h_kv, dtype=torch.bfloat16, device=device, max_blocks_per_seq=4)
-    decoder.plan(seqlens)
-    calls["MLADecoder.run (static buffers, prepared launches; plan() once)"] = (
-        lambda: decoder.run(decoder.q_buf[:b], kcache, decoder.block_table[:b]))
-    decoder.block_table[:b].copy_(block_table)
     results = {}
     for name, fn in calls.items():
         fn()

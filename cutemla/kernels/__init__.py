@@ -95,17 +95,17 @@ def decode_variant(d: int, rows: int, schedule: str | None = None) -> tuple[str,
     return schedule, int(os.environ.get("CUTEMLA_L2_PREFETCH", default_prefetch))
 
 
-_launch = None  # (get_decode_fn, compile_combine, launch_shape, MAX_GRID_YZ), imported on first use
+_launch = None  # (get_decode_fn, combine_kernel_for), imported on first use
 
 
 def _launch_functions():
     """The kernel modules' entry points, imported once (a function-level import costs ~2 us a call)."""
     global _launch
     if _launch is None:
-        from .combine import MAX_GRID_YZ, compile_combine, launch_shape
+        from .combine import combine_kernel_for
         from .decode import get_decode_fn
 
-        _launch = (get_decode_fn, compile_combine, launch_shape, MAX_GRID_YZ)
+        _launch = (get_decode_fn, combine_kernel_for)
     return _launch
 
 
@@ -118,7 +118,7 @@ def dense_decode_launches(q, kcache, block_table, cache_seqlens, tile_scheduler_
     o_accum fp32 ``[>= b + num_sm_parts, h_kv, s_q * h_q / h_kv, 512]`` and lse_accum fp32 ``[same, h_kv,
     rows]`` are the split workspace, contiguous (MLADecoder owns one; prepare_dense_decode allocates one).
     """
-    get_decode_fn, compile_combine, launch_shape, max_grid_yz = _launch_functions()
+    get_decode_fn, combine_kernel_for = _launch_functions()
     b, s_q, h_q, d = q.shape
     h_kv = kcache.shape[2]
     assert kcache.shape[1] == PAGE_SIZE
@@ -132,12 +132,8 @@ def dense_decode_launches(q, kcache, block_table, cache_seqlens, tile_scheduler_
     decode_args = (q_rows, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                    out.view(b, s_q, h_kv, g, D_V), lse.view(b, h_kv, g, s_q), o_accum, lse_accum,
                    float(softmax_scale) * math.log2(math.e), int(bool(causal)))
-    if b * rows == 0:
-        return decode, decode_args, None, None
-    if b > max_grid_yz or h_kv > max_grid_yz:
-        raise ValueError(f"the combine grid puts b ({b}) in z and h_kv ({h_kv}) in y: each must be at most "
-                         f"{max_grid_yz}")
-    combine = compile_combine(q.dtype, threads_and_warps=launch_shape(b, h_kv, rows))
+    # The buffers are fresh or the decoder's own: contiguous, so no layout fix-ups (launch_combine's).
+    combine = combine_kernel_for(q.dtype, b, h_kv, rows)
     return decode, decode_args, combine, (o_accum, lse_accum, num_splits, out, lse)
 
 

@@ -248,14 +248,12 @@ def _dtype_name(dtype) -> str:
 
 
 def compile_combine(dtype, use_pdl: bool = USE_PDL_DEFAULT, threads: int = THREADS_PER_CTA,
-                    warps_per_row: int = WARPS_PER_ROW, threads_and_warps: tuple | None = None) -> Callable:
+                    warps_per_row: int = WARPS_PER_ROW) -> Callable:
     """The compiled combine for output `dtype` (torch.bfloat16/float16 or 'bf16'/'fp16'), cached.
 
     Call it as ``fn(o_accum, lse_accum, num_splits, out, lse)`` with CUDA torch tensors; it launches on
     torch's current stream (TVM-FFI env stream) and returns nothing.
     """
-    if threads_and_warps is not None:
-        threads, warps_per_row = threads_and_warps
     name = _dtype_name(dtype)
     key = (name, bool(use_pdl), int(threads), int(warps_per_row))
     return jit.compile_cache.get(
@@ -363,28 +361,26 @@ def combine_splits(o_accum: torch.Tensor, lse_accum: torch.Tensor, num_splits: t
     launch_combine(o_accum, lse_accum, num_splits, out, lse)
 
 
-def prepare_combine_args(o_accum: torch.Tensor, lse_accum: torch.Tensor, num_splits: torch.Tensor,
-                         out: torch.Tensor, lse: torch.Tensor) -> tuple | None:
-    """The combine kernel's arguments for buffers already known to fit its contract (the decode
-    launcher's own), or None when there is nothing to launch."""
-    if out.numel() == 0 or o_accum.shape[2] == 0:
+def combine_kernel_for(dtype, b: int, h_kv: int, rows: int) -> Callable | None:
+    """The compiled combine for `b` requests of `h_kv` KV heads x `rows` folded rows, with the launch shape
+    picked for that size; None when there is nothing to merge."""
+    if b * rows == 0:
         return None
-    if out.shape[0] > MAX_GRID_YZ or o_accum.shape[1] > MAX_GRID_YZ:
-        raise ValueError(f"the combine grid puts b ({out.shape[0]}) in z and h_kv ({o_accum.shape[1]}) in y: "
-                         f"each must be at most {MAX_GRID_YZ}")
-    return (_canonical_contiguous(o_accum), _canonical_contiguous(lse_accum), num_splits, _aligned_out_view(out),
-            lse)
+    if b > MAX_GRID_YZ or h_kv > MAX_GRID_YZ:
+        raise ValueError(f"the combine grid puts b ({b}) in z and h_kv ({h_kv}) in y: each must be at most "
+                         f"{MAX_GRID_YZ}")
+    threads, warps_per_row = launch_shape(b, h_kv, rows)
+    return compile_combine(dtype, USE_PDL_DEFAULT, threads, warps_per_row)
 
 
 def launch_combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, num_splits: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor) -> None:
-    """`combine_splits` for CUDA tensors already known to fit its contract (the decode launcher's own
+    """`combine_splits` for CUDA tensors already known to fit its contract (the decode launchers' own
     buffers): the same launch without re-validating every argument on the hot path."""
-    args = prepare_combine_args(o_accum, lse_accum, num_splits, out, lse)
-    if args is None:
-        return
-    threads, warps_per_row = launch_shape(out.shape[0], o_accum.shape[1], o_accum.shape[2])
-    compile_combine(out.dtype, USE_PDL_DEFAULT, threads, warps_per_row)(*args)
+    fn = combine_kernel_for(out.dtype, out.shape[0], o_accum.shape[1], o_accum.shape[2])
+    if fn is not None:
+        fn(_canonical_contiguous(o_accum), _canonical_contiguous(lse_accum), num_splits, _aligned_out_view(out),
+           lse)
 
 
 def combine_splits_torch(o_accum: torch.Tensor, lse_accum: torch.Tensor, num_splits: torch.Tensor,
