@@ -24,7 +24,7 @@ fi
 "$SANITIZER" --version | tail -1
 
 echo "== warmup (compile, no sanitizer)"
-timeout -s KILL 600 $DRIVER --warmup > "$LOGDIR/sanitize-warmup.log" 2>&1
+timeout -s KILL 600 $DRIVER --warmup $CASES > "$LOGDIR/sanitize-warmup.log" 2>&1
 echo "warmup exit $?"; tail -3 "$LOGDIR/sanitize-warmup.log"
 
 # Every tensor its own cudaMalloc, so out-of-bounds reads land outside an allocation and memcheck sees them.

@@ -540,11 +540,15 @@ def get_decode_fn(dtype, d_qk: int = 576, schedule: str = "pipelined", l2_prefet
     "seesaw" (kernels/seesaw.py; 576-column heads only)."""
     from .jit import compile_cache
 
-    if schedule in ("seesaw", "seesaw_sync"):
-        from .seesaw import compile_decode_seesaw
+    if schedule.startswith("seesaw"):
+        # "seesaw", or an experiment: "seesaw_sync", "seesaw_mbar", "seesaw_mbar_thread"
+        # (seesaw.SCHEDULE_OPTIONS).
+        from .seesaw import SCHEDULE_OPTIONS, compile_decode_seesaw
 
+        if schedule not in SCHEDULE_OPTIONS:
+            raise ValueError(f"unknown seesaw schedule {schedule!r}; one of {sorted(SCHEDULE_OPTIONS)}")
         build = partial(compile_decode_seesaw, dtype, d_qk, l2_prefetch_blocks=l2_prefetch_blocks,
-                        blocking_scale1=schedule == "seesaw_sync")
+                        **SCHEDULE_OPTIONS[schedule])
     else:
         build = partial(compile_decode, dtype, d_qk, schedule, l2_prefetch_blocks=l2_prefetch_blocks)
     return compile_cache.get("mla_decode", (str(dtype), d_qk, schedule, l2_prefetch_blocks), build)

@@ -27,6 +27,53 @@ load starts as soon as half a stage is free:
            L = 0-3 + 8 (V1_L + P1; consumer 0 after O_L += P1 V1_L)
 Producer warp 0 fills stage 0 (and loads Q), warp 1 fills stage 1, each in its release order; every
 K sub-tile has its own full mbarrier. Needs the 576-column head (the P tiles use the RoPE sub-tile).
+
+Experiment "seesaw_mbar" (MlaDecodeSeesaw(..., mbarrier_handoff=True)): the consumer-to-consumer
+hand-offs use shared-memory mbarriers instead of named barriers. compute-sanitizer racecheck reports RAW
+hazards on the named-barrier SCALE1 hand-off (store -> BAR.ARV; other side BAR.SYNC -> load, in that
+order in the SASS); the hypothesis is that it mispairs named barriers whose participants reach them
+from different instructions (here each consumer has its own trace-time specialised code path). An
+mbarrier is a memory object, so that pairing question does not arise. The protocol, barrier by barrier
+(words of SharedStorage.mbar_handoff; "arrive" is one arrive per warp from lane 0 after a __syncwarp,
+so count 4 for one warpgroup and 8 for both, or with handoff_arrivals="thread" one arrive per thread,
+counts 128 and 256; every mbarrier.arrive is a release and every try_wait an acquire, at CTA scope):
+
+  word  barrier    arrives (count)           waits               parity (phase completed)
+  0     SCALE0     consumer 0, step 1 (4)    consumer 1, step 1  fills0 % 2   (pairs so far)
+  1     SCALE1     consumer 1, step 1 (4)    consumer 0, step 3  fills0 % 2
+  2     P0_READY   consumer 0, step 3 (4)    consumer 1, step 3  fills0 % 2
+  3     P1_READY   consumer 1, step 2 (4)    consumer 0, step 4  fills1 % 2   (pairs with an n1)
+        (both only when the pair has an n1)
+  4     ROW_SUM    both, end of request (8)  both                (q_fills - 1) % 2 (requests so far)
+
+fills0, fills1 and q_fills are the counters both consumers already keep for the TMA barriers (fills0
+counts pairs, fills1 pairs with an n1, q_fills requests), fills0 / fills1 read before the pair
+increments them and q_fills after the request did (hence the - 1), so the parities carry across tile
+pairs and requests with no new loop state. A fresh mbarrier is in phase 0, and a
+wait for parity p returns once the phase of parity p has completed.
+
+No arrive can run two phases ahead of its waiter (the parity wait could not tell them apart), and no
+warp can arrive twice in one phase: every barrier's next arrive sits behind a wait that needs the
+waiter's progress past its previous wait. SCALE0(k+1) is arrived after consumer 0 waited SCALE1(k),
+which consumer 1 arrives after waiting SCALE0(k); symmetrically SCALE1(k+1) after SCALE0(k+1);
+P0_READY(k+1) after SCALE1(k+1) (consumer 1 waited P0_READY(k) in pair k); P1_READY at a later pair
+after SCALE0 of that pair (consumer 0 waited P1_READY in an earlier pair); ROW_SUM(r+1) after the
+arriving warp's own wait of ROW_SUM(r), which needs all 8 warps' arrives of r.
+
+Write-after-read (no separate "consumed" barrier is needed; each is implied by the opposite hand-off,
+as with the named barriers, because a warp's arrive comes after all its lanes' reads (sync_warp)):
+  sRowMax = m0, sScale[:, 0]: consumer 0 writes them in pair k+1 after waiting SCALE1(k); consumer 1
+    arrived SCALE1(k) after reading m0 and scale0 (and re-reading scale0) of pair k.
+  sRowMax = m1, sScale[:, 1]: consumer 1 writes them in pair k after waiting SCALE0(k); consumer 0
+    arrived SCALE0(k) after reading m1 and scale1 of pair k-1 (step 3). Within a warp, the existing
+    sync_warp before each leader write orders the other lanes' reads of the same rows (rows are
+    warp-private: warp w holds rows 16w..16w+15).
+  sRowSum: double-buffered by request parity as before; buffer b is rewritten at request r+2 only
+    after the writer waited ROW_SUM(r+1), which the reader arrives after reading b at request r.
+  P tiles (RoPE sub-tile of each stage): unchanged; rewritten only after the stage is refilled, i.e.
+    after the reader's empty-barrier release following its PV WGMMA (the TMA pipeline orders it).
+P0/P1: the writer's stores, fence.proxy.async (each thread), then the arrive; the waiter's WGMMA
+reads the tile after its acquire.
 """
 import math
 from functools import partial
@@ -61,6 +108,9 @@ BARRIER_P0_READY = 3  # rescaled P0 in smem
 BARRIER_P1_READY = 4  # P1 in smem
 BARRIER_ROW_SUM = 5   # row sums at the end of a request
 BARRIER_WG = 6        # 6 + wg: one consumer's zeroed V tail is visible to its WGMMAs
+# mbarrier_handoff: the words of SharedStorage.mbar_handoff (see the protocol at the top).
+HANDOFF_SCALE0, HANDOFF_SCALE1, HANDOFF_P0_READY, HANDOFF_P1_READY, HANDOFF_ROW_SUM = range(5)
+NUM_HANDOFF = 5
 LN2 = math.log(2.0)
 
 
@@ -68,7 +118,8 @@ class MlaDecodeSeesaw(MlaDecode):
     """Split-KV MLA decode, seesaw schedule. Same call signature and outputs as MlaDecode."""
 
     def __init__(self, dtype, d_qk: int = D_QK, l2_prefetch_blocks: int = 0,
-                 regs: tuple = (56, 224), blocking_scale1: bool = False):
+                 regs: tuple = (56, 224), blocking_scale1: bool = False,
+                 mbarrier_handoff: bool = False, handoff_arrivals: str = "warp"):
         assert d_qk == D_QK, "the seesaw schedule keeps P tiles in the RoPE sub-tile: d must be 576"
         self.dtype = dtype
         self.d_qk = d_qk
@@ -78,11 +129,47 @@ class MlaDecodeSeesaw(MlaDecode):
         # Consumer 1 waits at SCALE1 instead of only arriving (schedule "seesaw_sync"): an experiment
         # on compute-sanitizer racecheck's reading of the arrive -> sync hand-off of m1.
         self.blocking_scale1 = blocking_scale1
+        # Consumer-to-consumer hand-offs through mbarriers instead of named barriers (schedule
+        # "seesaw_mbar"; "seesaw_mbar_thread" arrives per thread instead of per warp).
+        assert not (blocking_scale1 and mbarrier_handoff)
+        assert handoff_arrivals in ("warp", "thread")
+        self.mbarrier_handoff = mbarrier_handoff
+        self.handoff_per_thread = handoff_arrivals == "thread"
         self.subtile_bytes = BLOCK_N * SUBTILE_K * dtype.width // 8
         self.q_bytes = BLOCK_M * d_qk * dtype.width // 8
         # setmaxnreg split (producer, consumer): 128 * p + 256 * c must stay within 168 * 384.
         self.producer_regs, self.consumer_regs = regs
         assert 128 * regs[0] + 256 * regs[1] <= 168 * NUM_THREADS
+
+    def make_shared_storage(self, sQ_layout, sK_layout):
+        """The kernel's shared-memory struct (plain Python: the struct differs by variant)."""
+        if not self.mbarrier_handoff:
+            @cute.struct
+            class SharedStorage:
+                mbar_full: cute.struct.MemRange[cutlass.Int64, 2 * NUM_SUBTILES]
+                mbar_empty: cute.struct.MemRange[cutlass.Int64, 4]
+                mbar_q: cute.struct.MemRange[cutlass.Int64, 2]  # full, empty
+                sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
+                sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
+                sRowMax: cute.struct.MemRange[Float32, BLOCK_M]
+                sScale: cute.struct.MemRange[Float32, BLOCK_M * 2]
+                sRowSum: cute.struct.MemRange[Float32, BLOCK_M * 4]
+        else:
+            @cute.struct
+            class SharedStorage:
+                mbar_full: cute.struct.MemRange[cutlass.Int64, 2 * NUM_SUBTILES]
+                mbar_empty: cute.struct.MemRange[cutlass.Int64, 4]
+                mbar_q: cute.struct.MemRange[cutlass.Int64, 2]  # full, empty
+                # SCALE0, SCALE1, P0_READY, P1_READY, ROW_SUM (40 bytes, inside the 1 KiB that
+                # the barriers already take before sQ's alignment)
+                mbar_handoff: cute.struct.MemRange[cutlass.Int64, NUM_HANDOFF]
+                sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
+                sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
+                sRowMax: cute.struct.MemRange[Float32, BLOCK_M]
+                sScale: cute.struct.MemRange[Float32, BLOCK_M * 2]
+                sRowSum: cute.struct.MemRange[Float32, BLOCK_M * 4]
+
+        return SharedStorage
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mBlockTable: cute.Tensor,
@@ -105,17 +192,7 @@ class MlaDecodeSeesaw(MlaDecode):
         tiled_mma_pv_ss = sm90_utils.make_trivial_tiled_mma(
             dt, dt, K_MAJOR, MN_MAJOR, Float32, (1, 1, 1), tiler_mn=(BLOCK_M, D_V // 2))
 
-        @cute.struct
-        class SharedStorage:
-            mbar_full: cute.struct.MemRange[cutlass.Int64, 2 * NUM_SUBTILES]
-            mbar_empty: cute.struct.MemRange[cutlass.Int64, 4]
-            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]  # full, empty
-            sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
-            sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
-            sRowMax: cute.struct.MemRange[Float32, BLOCK_M]
-            sScale: cute.struct.MemRange[Float32, BLOCK_M * 2]
-            sRowSum: cute.struct.MemRange[Float32, BLOCK_M * 4]
-
+        SharedStorage = self.make_shared_storage(sQ_layout, sK_layout)
         self.shared_storage = SharedStorage
         assert SharedStorage.size_in_bytes() <= SMEM_LIMIT, "shared memory over the sm90 limit"
 
@@ -147,6 +224,9 @@ class MlaDecodeSeesaw(MlaDecode):
         full = storage.mbar_full.data_ptr()
         empty = storage.mbar_empty.data_ptr()
         q_bar = storage.mbar_q.data_ptr()
+        handoff = None
+        if const_expr(self.mbarrier_handoff):
+            handoff = storage.mbar_handoff.data_ptr()
         if tidx == 0:
             for i in cutlass.range_constexpr(2 * NUM_SUBTILES):
                 cute.arch.mbarrier_init(full + i, 1)  # the producer's arrive + TMA bytes
@@ -154,6 +234,10 @@ class MlaDecodeSeesaw(MlaDecode):
                 cute.arch.mbarrier_init(empty + i, 4)  # one arrive per warp of the releasing WG
             cute.arch.mbarrier_init(q_bar, 1)
             cute.arch.mbarrier_init(q_bar + 1, 8)  # every consumer warp is done with sQ
+            if const_expr(self.mbarrier_handoff):
+                for i in cutlass.range_constexpr(NUM_HANDOFF):
+                    # One consumer arrives at each, except ROW_SUM where both do.
+                    cute.arch.mbarrier_init(handoff + i, self.handoff_count(i))
             cute.arch.mbarrier_init_fence()
         cute.arch.barrier()
 
@@ -162,7 +246,7 @@ class MlaDecodeSeesaw(MlaDecode):
         exchange = (storage.sRowMax.get_tensor(cute.make_layout(BLOCK_M)),
                     storage.sScale.get_tensor(cute.make_layout((BLOCK_M, 2))),
                     storage.sRowSum.get_tensor(cute.make_layout((BLOCK_M, 2, 2))))
-        barriers = (full, empty, q_bar)
+        barriers = (full, empty, q_bar, handoff)
 
         batch = mSeqlens.shape[0]
         if mMeta[part, 0] < batch:
@@ -192,7 +276,7 @@ class MlaDecodeSeesaw(MlaDecode):
                  barriers, mBlockTable, mSeqlens, mMeta, m_block, kv_head, part, is_causal, g, s_q):
         """Warp `stage` fills K stage `stage` with tiles start+stage, start+stage+2, ... of every
         request, half by half as the consumers free them; warp 0 also loads each request's Q."""
-        full, empty, q_bar = barriers
+        full, empty, q_bar, _ = barriers
         tKsK, tKgK = self.k_tma_partition(tma_atom_K, mK, sK, kv_head)
         rows = mQ.shape[0]
         fills = Int32(0)  # tiles this stage has received so far
@@ -234,7 +318,7 @@ class MlaDecodeSeesaw(MlaDecode):
                  tiled_mma_pv_ss, m_block, kv_head, part, scale_log2: Float32, is_causal: Int32,
                  rows):
         """Consumer `wg` (0: O[:, :256] and tiles n0; 1: O[:, 256:] and tiles n1), tidx in 0..127."""
-        full, empty, q_bar = barriers
+        full, empty, q_bar, handoff = barriers
         sRowMax, sScale, sRowSum = exchange
         g = mOut.shape[0][0]
         s_q = mOut.shape[0][1]
@@ -280,30 +364,36 @@ class MlaDecodeSeesaw(MlaDecode):
             if const_expr(wg == 0):
                 fills0, fills1 = self.consumer0_request(
                     start, end, fills0, fills1, acc_S, acc_O, row_max, row_sum, frags, sK,
-                    sRowMax, sScale, full, empty, tiled_mma_qk, tiled_mma_pv_rs, tiled_mma_pv_ss,
+                    sRowMax, sScale, (full, empty, handoff), tiled_mma_qk, tiled_mma_pv_rs, tiled_mma_pv_ss,
                     borders, tidx, tile_row, quad_leader, lane, scale_log2)
             else:
                 fills0, fills1 = self.consumer1_request(
                     start, end, fills0, fills1, acc_S, acc_O, row_max, row_sum, frags, sK,
-                    sRowMax, sScale, full, empty, tiled_mma_qk, tiled_mma_pv_rs, tiled_mma_pv_ss,
+                    sRowMax, sScale, (full, empty, handoff), tiled_mma_qk, tiled_mma_pv_rs, tiled_mma_pv_ss,
                     borders, tidx, tile_row, quad_leader, lane, scale_log2)
             if lane == 0:
                 cute.arch.mbarrier_arrive(q_bar + 1)  # this warp is done with sQ
 
             # Each warpgroup summed the P of the tiles it scored, both at the final row max.
-            row_total = sm.exchange_row_sums(row_sum, sRowSum, tile_row, wg, quad_leader, req % 2,
-                                             BARRIER_ROW_SUM)
+            if const_expr(self.mbarrier_handoff):
+                row_total = self.exchange_row_sums_mbar(row_sum, sRowSum, tile_row, wg, quad_leader,
+                                                        req % 2, handoff + HANDOFF_ROW_SUM,
+                                                        (q_fills - 1) % 2, lane)
+            else:
+                row_total = sm.exchange_row_sums(row_sum, sRowSum, tile_row, wg, quad_leader,
+                                                 req % 2, BARRIER_ROW_SUM)
             self.epilogue(acc_O, row_max, row_total, tidx, wg, req, kv_head, row0, rows,
                           mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum)
 
     @cute.jit
     def consumer0_request(self, start, end, fills0, fills1, acc_S, acc_O, row_max, row_sum, frags,
-                          sK, sRowMax, sScale, full, empty, tiled_mma_qk, tiled_mma_pv_rs,
+                          sK, sRowMax, sScale, bars, tiled_mma_qk, tiled_mma_pv_rs,
                           tiled_mma_pv_ss, borders, tidx, tile_row, quad_leader, lane,
                           scale_log2: Float32):
         """Consumer 0 over one request: scores tiles n0 = start, start + 2, ...; owns O[:, :256]."""
         tSrQ, tSrK, tOrVt_rs, tOrVt_ss, tOsP, tPsP = frags
         border0, border1, tile_border, seqlen = borders
+        full, empty, handoff = bars
         rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
         tOrP = self.registers_as_pv_operand(rP, tiled_mma_pv_rs, tidx)
         rescale = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
@@ -326,7 +416,10 @@ class MlaDecodeSeesaw(MlaDecode):
                 for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                     sRowMax[tile_row + 8 * r] = row_max[r]
                     sScale[tile_row + 8 * r, 0] = factors[r]
-            barriers.arrive(BARRIER_SCALE0, 256)
+            if const_expr(self.mbarrier_handoff):
+                self.handoff_arrive(handoff + HANDOFF_SCALE0, lane)
+            else:
+                barriers.arrive(BARRIER_SCALE0, 256)
             rescale[0] = factors[0]
             rescale[1] = factors[1]
             sm.rescale_rows(acc_O, rescale)
@@ -338,7 +431,10 @@ class MlaDecodeSeesaw(MlaDecode):
             warpgroup.wait_group(0)
             self.release(empty, 0, lane)
             # 3. rescale P0 to consumer 1's max m1 and hand it over.
-            barriers.sync(BARRIER_SCALE1, 256)
+            if const_expr(self.mbarrier_handoff):
+                cute.arch.mbarrier_wait(handoff + HANDOFF_SCALE1, fills0 % 2)
+            else:
+                barriers.sync(BARRIER_SCALE1, 256)
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 rescale[r] = sScale[tile_row + 8 * r, 1]
                 row_max[r] = sRowMax[tile_row + 8 * r]
@@ -347,12 +443,18 @@ class MlaDecodeSeesaw(MlaDecode):
             rP.store(acc_S.load().to(self.dtype))
             cute.autovec_copy(rP, tPsP[None, None, None, 0])
             cute.arch.fence_view_async_shared()
-            barriers.arrive(BARRIER_P0_READY, 256)
+            if const_expr(self.mbarrier_handoff):
+                self.handoff_arrive(handoff + HANDOFF_P0_READY, lane)
+            else:
+                barriers.arrive(BARRIER_P0_READY, 256)
             sm.rescale_rows(acc_O, rescale)
             # 4. O_L += P1 V1_L (P1 from smem), overlapped with the next S0 = Q K^T.
             if has1:
                 # P1 is in smem and consumer 1's QK^T no longer reads K1 (so V1_L may be zeroed).
-                barriers.sync(BARRIER_P1_READY, 256)
+                if const_expr(self.mbarrier_handoff):
+                    cute.arch.mbarrier_wait(handoff + HANDOFF_P1_READY, fills1 % 2)
+                else:
+                    barriers.sync(BARRIER_P1_READY, 256)
                 self.wait_stage(full, 1, fills1 % 2, (0, 1, 2, 3))
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 0, tidx, 1)
@@ -377,12 +479,13 @@ class MlaDecodeSeesaw(MlaDecode):
 
     @cute.jit
     def consumer1_request(self, start, end, fills0, fills1, acc_S, acc_O, row_max, row_sum, frags,
-                          sK, sRowMax, sScale, full, empty, tiled_mma_qk, tiled_mma_pv_rs,
+                          sK, sRowMax, sScale, bars, tiled_mma_qk, tiled_mma_pv_rs,
                           tiled_mma_pv_ss, borders, tidx, tile_row, quad_leader, lane,
                           scale_log2: Float32):
         """Consumer 1 over one request: scores tiles n1 = start + 1, start + 3, ...; owns O[:, 256:]."""
         tSrQ, tSrK, tOrVt_rs, tOrVt_ss, tOsP, tPsP = frags
         border0, border1, tile_border, seqlen = borders
+        full, empty, handoff = bars
         rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
         tOrP = self.registers_as_pv_operand(rP, tiled_mma_pv_rs, tidx)
         rescale = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
@@ -394,7 +497,10 @@ class MlaDecodeSeesaw(MlaDecode):
             has1 = n1 < end
             has_next = n1 + 2 < end
             # 1. softmax of S1 from consumer 0's max m0; publish m1 and exp2(m0 - m1).
-            barriers.sync(BARRIER_SCALE0, 256)
+            if const_expr(self.mbarrier_handoff):
+                cute.arch.mbarrier_wait(handoff + HANDOFF_SCALE0, fills0 % 2)
+            else:
+                barriers.sync(BARRIER_SCALE0, 256)
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 row_max[r] = sRowMax[tile_row + 8 * r]
                 row_sum[r] = row_sum[r] * sScale[tile_row + 8 * r, 0]
@@ -415,7 +521,9 @@ class MlaDecodeSeesaw(MlaDecode):
             # factor (fewer live registers) before SCALE1 lets consumer 0 overwrite it.
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 rescale[r] = rescale[r] * sScale[tile_row + 8 * r, 0]
-            if const_expr(self.blocking_scale1):
+            if const_expr(self.mbarrier_handoff):
+                self.handoff_arrive(handoff + HANDOFF_SCALE1, lane)
+            elif const_expr(self.blocking_scale1):
                 barriers.sync(BARRIER_SCALE1, 256)
             else:
                 barriers.arrive(BARRIER_SCALE1, 256)
@@ -425,12 +533,18 @@ class MlaDecodeSeesaw(MlaDecode):
                 rP.store(acc_S.load().to(self.dtype))
                 cute.autovec_copy(rP, tPsP[None, None, None, 1])
                 cute.arch.fence_view_async_shared()
-                barriers.arrive(BARRIER_P1_READY, 256)
+                if const_expr(self.mbarrier_handoff):
+                    self.handoff_arrive(handoff + HANDOFF_P1_READY, lane)
+                else:
+                    barriers.arrive(BARRIER_P1_READY, 256)
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 1, tidx, 1)
                 sm.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 1)
             # 3. O_R += P0 V0_R with consumer 0's rescaled P0 from smem.
-            barriers.sync(BARRIER_P0_READY, 256)
+            if const_expr(self.mbarrier_handoff):
+                cute.arch.mbarrier_wait(handoff + HANDOFF_P0_READY, fills0 % 2)
+            else:
+                barriers.sync(BARRIER_P0_READY, 256)
             self.wait_stage(full, 0, fills0 % 2, (4, 5, 6, 7))
             if n0 * BLOCK_N + BLOCK_N > seqlen:
                 self.zero_v_tail_synced(sK, seqlen - n0 * BLOCK_N, 1, tidx, 0)
@@ -448,6 +562,41 @@ class MlaDecodeSeesaw(MlaDecode):
                 self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, full, 1, fills1 % 2)
                 warpgroup.wait_group(0)
         return fills0, fills1
+
+    def handoff_count(self, index: int) -> int:
+        """Arrival count of hand-off mbarrier `index`: one consumer warpgroup's warps (or threads),
+        both warpgroups' for ROW_SUM."""
+        per_wg = 128 if self.handoff_per_thread else 4
+        return 2 * per_wg if index == HANDOFF_ROW_SUM else per_wg
+
+    @cute.jit
+    def handoff_arrive(self, bar, lane):
+        """Arrive at a hand-off mbarrier (mbarrier_handoff): once per warp, from lane 0 after a
+        __syncwarp that orders every lane's earlier shared-memory accesses before the arrive's
+        release, or (handoff_arrivals="thread") once per thread."""
+        if const_expr(self.handoff_per_thread):
+            cute.arch.mbarrier_arrive(bar)
+        else:
+            cute.arch.sync_warp()
+            if lane == 0:
+                cute.arch.mbarrier_arrive(bar)
+
+    @cute.jit
+    def exchange_row_sums_mbar(self, row_sum, sRowSum, tile_row, wg: cutlass.Constexpr[int],
+                               quad_leader, buf, bar, parity, lane):
+        """softmax.exchange_row_sums with the ROW_SUM mbarrier (both consumers arrive, then wait
+        for the phase of `parity`) in place of the named barrier."""
+        row_total = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
+        for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+            row_total[r] = sm.quad_allreduce_sum(row_sum[r])
+        if quad_leader:
+            sRowSum[tile_row, wg, buf] = row_total[0]
+            sRowSum[tile_row + 8, wg, buf] = row_total[1]
+        self.handoff_arrive(bar, lane)
+        cute.arch.mbarrier_wait(bar, parity)
+        row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
+        row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
+        return row_total
 
     @cute.jit
     def release(self, empty, index: cutlass.Constexpr[int], lane):
@@ -505,21 +654,38 @@ class MlaDecodeSeesaw(MlaDecode):
 
 
 def compile_decode_seesaw(dtype, d_qk: int = D_QK, options: str | None = None,
-                          l2_prefetch_blocks: int = 0, regs: tuple = (56, 224), blocking_scale1: bool = False):
+                          l2_prefetch_blocks: int = 0, regs: tuple = (56, 224), blocking_scale1: bool = False,
+                          mbarrier_handoff: bool = False, handoff_arrivals: str = "warp"):
     """Compile (uncached) the seesaw decode. Use `get_decode_fn(..., schedule="seesaw")`."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
     kernel = MlaDecodeSeesaw(dtype, d_qk, l2_prefetch_blocks=l2_prefetch_blocks, regs=regs,
-                             blocking_scale1=blocking_scale1)
+                             blocking_scale1=blocking_scale1, mbarrier_handoff=mbarrier_handoff,
+                             handoff_arrivals=handoff_arrivals)
     return cute.compile(kernel, *_fake_args(dtype, d_qk), fake_stream(),
                         options=options or COMPILE_OPTIONS)
 
 
+# Schedule names of the seesaw experiments (get_decode_fn) -> MlaDecodeSeesaw options.
+SCHEDULE_OPTIONS = {
+    "seesaw": {},
+    "seesaw_sync": {"blocking_scale1": True},
+    "seesaw_mbar": {"mbarrier_handoff": True},
+    "seesaw_mbar_thread": {"mbarrier_handoff": True, "handoff_arrivals": "thread"},
+}
+
+
 def compile_configs():
     """Every compiled seesaw variant, by name, for the CI compile checks."""
-    return {
+    configs = {
         f"{name}_d576_seesaw{'_pf' if pf else ''}": partial(compile_decode_seesaw, dt, D_QK,
                                                            l2_prefetch_blocks=pf)
         for name, dt in (("bf16", cutlass.BFloat16), ("fp16", cutlass.Float16))
         for pf in (0, 1)
     }
+    configs.update({
+        f"{name}_d576_{schedule}": partial(compile_decode_seesaw, dt, D_QK, **SCHEDULE_OPTIONS[schedule])
+        for name, dt in (("bf16", cutlass.BFloat16), ("fp16", cutlass.Float16))
+        for schedule in ("seesaw_mbar", "seesaw_mbar_thread")
+    })
+    return configs
