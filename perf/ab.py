@@ -2,7 +2,10 @@
 
     python -m perf.ab --variants pipelined:2 split_s:2 split_s:0 --out ab.csv
 
-A variant is schedule:l2_prefetch_blocks, or schedule:auto for the launcher's own choice. Inputs are drawn on the GPU once per case (fast even for
+A variant is schedule:l2_prefetch_blocks, or schedule:auto for the launcher's own choice, optionally
+followed by scheduler settings: ``:sms=N`` (plan for N SMs instead of the device's count, so
+N // 2 parts at h_q 128) and ``:o=N`` (SchedulePolicy.fixed_overhead_num_blocks), e.g.
+``seesaw:auto:sms=66`` to see how a case scales with the number of CTAs. Inputs are drawn on the GPU once per case (fast even for
 long contexts) and every variant is timed on them, interleaved, as one whole call (decode + combine,
 metadata reused, like the FlashMLA baseline) replayed in a CUDA graph; `us` is the best mean of
 `trials` rounds of `replays` replays (cutemla.profile.time_cuda_graph).
@@ -29,24 +32,31 @@ FOCUS_CASES = [
 
 def run(variants, cases=FOCUS_CASES, replays=30, trials=5):
     from cutemla.kernels import run_dense_decode
-    from cutemla.schedule import get_decoding_sched_meta
+    from cutemla.schedule import SchedulePolicy, get_decoding_sched_meta
 
     rows = []
     for b, s_q, s_k, h_q, varlen in cases:
         case = DecodeCase(b=b, s_q=s_q, s_k=s_k, h_q=h_q, h_kv=1, varlen=varlen)
         data = make_decode_inputs(case, device="cuda", generate_on_device=True)
-        meta, num_splits = get_decoding_sched_meta(data.cache_seqlens, s_q, h_q, 1)
+        plans = {}  # scheduler settings -> (meta, num_splits), planned once per case
         mean_sk = data.mean_seqlen
         flops = decode_flops(b, s_q, h_q, 1, mean_sk)
         nbytes = decode_bytes(b, s_q, h_q, 1, mean_sk)
         for variant in variants:
-            schedule, prefetch = variant.split(":")
+            schedule, prefetch, *settings = variant.split(":")
+            sched = parse_scheduler_settings(settings)
+            if sched not in plans:
+                num_sms, overhead = sched
+                policy = None if overhead is None else SchedulePolicy(fixed_overhead_num_blocks=overhead)
+                plans[sched] = get_decoding_sched_meta(data.cache_seqlens, s_q, h_q, 1,
+                                                       num_sms=num_sms, policy=policy)
+            meta, num_splits = plans[sched]
             if prefetch == "auto":
                 os.environ.pop("CUTEMLA_L2_PREFETCH", None)
             else:
                 os.environ["CUTEMLA_L2_PREFETCH"] = prefetch  # read by run_dense_decode per call
 
-            def call():
+            def call(meta=meta, num_splits=num_splits, schedule=schedule):
                 return run_dense_decode(data.q, data.kcache, data.block_table, data.cache_seqlens,
                                         meta, num_splits, 576 ** -0.5, False, schedule)
 
@@ -55,19 +65,38 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5):
                              variant=variant, us=round(us, 2), tflops=round(flops / us / 1e6, 1),
                              gbps=round(nbytes / us / 1e3)))
             print(rows[-1], file=sys.stderr, flush=True)
-        data = meta = num_splits = None  # free the inputs before the next case
+        data = meta = num_splits = plans = None  # free the inputs before the next case
         torch.cuda.empty_cache()
     return pd.DataFrame(rows)
+
+
+def parse_scheduler_settings(settings):
+    """``["sms=66", "o=3"]`` -> (num_sms or None, fixed_overhead_num_blocks or None)."""
+    values = {"sms": None, "o": None}
+    for item in settings:
+        key, _, value = item.partition("=")
+        if key not in values or not value.isdigit():
+            raise ValueError(f"scheduler setting {item!r}: expected sms=N or o=N")
+        values[key] = int(value)
+    return values["sms"], values["o"]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=["pipelined:auto", "split_s:auto"])
+    parser.add_argument("--cases", nargs="+", default=None, metavar="BxSQxSK:hH",
+                        help="only these FOCUS_CASES, e.g. 1x1x65536:h128 (default: all)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--trials", type=int, default=5)
     args = parser.parse_args(argv)
-    frame = run(args.variants, replays=args.replays, trials=args.trials)
+    cases = FOCUS_CASES
+    if args.cases:
+        cases = [c for c in FOCUS_CASES if f"{c[0]}x{c[1]}x{c[2]}:h{c[3]}" in args.cases]
+        if len(cases) != len(args.cases):
+            raise SystemExit(f"--cases: unknown case in {args.cases}; known: "
+                             + ", ".join(f"{c[0]}x{c[1]}x{c[2]}:h{c[3]}" for c in FOCUS_CASES))
+    frame = run(args.variants, cases, replays=args.replays, trials=args.trials)
     if args.out:
         frame.to_csv(args.out, index=False)
     print(frame.pivot(index="case", columns="variant", values="us").to_string())

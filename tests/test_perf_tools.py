@@ -431,3 +431,12 @@ def test_top_level_profile_decode_is_lazy_and_works_on_cpu():
                                     iters=1, trials=1)
     assert {"scheduler", "decode", "total"} <= set(report.table.index)
     assert report.table.loc["total", "time_us"] > 0
+
+
+def test_ab_scheduler_settings_parse_and_reject():
+    from perf.ab import parse_scheduler_settings
+
+    assert parse_scheduler_settings([]) == (None, None)
+    assert parse_scheduler_settings(["sms=66", "o=3"]) == (66, 3)
+    with pytest.raises(ValueError, match="sms=N or o=N"):
+        parse_scheduler_settings(["parts=4"])
