@@ -6,8 +6,8 @@
     python tests/sanitize_kernels.py pipelined:zero_lengths   # a dense case under another decode schedule
 
 A dense case runs the default decode schedule (the seesaw for 576-wide heads); ``SCHEDULE:CASE`` runs it under
-``CUTEMLA_DECODE_SCHEDULE=SCHEDULE`` (seesaw, pipelined, split_s, or a seesaw experiment: seesaw_sync,
-seesaw_mbar, seesaw_mbar_thread). The ``fp8_*`` cases run the FP8 kernels
+``CUTEMLA_DECODE_SCHEDULE=SCHEDULE`` (seesaw, pipelined, split_s, or seesaw_named: the seesaw with named-barrier
+hand-offs). The ``fp8_*`` cases run the FP8 kernels
 (sparse top-k with its split combine and sink, and the dense FP8 decode) through the API, checked the same way
 as their GPU tests (tests/test_sparse_decode_gpu.py, tests/test_dense_fp8_decode_gpu.py).
 
@@ -62,7 +62,7 @@ CASES: Dict[str, RandomSpec] = {
 }
 
 
-SCHEDULES = ("seesaw", "pipelined", "split_s", "seesaw_sync", "seesaw_mbar", "seesaw_mbar_thread")
+SCHEDULES = ("seesaw", "pipelined", "split_s", "seesaw_named")
 
 
 def _fp8_sparse(splits):
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
                      f"a dense case, SCHEDULE in {SCHEDULES}")
     names = args.cases or case_names()
     if args.warmup:  # one run of each case compiles (and caches on disk) every variant they use
-        # plus any named ones outside the default list (e.g. seesaw_mbar:CASE), run last because a
+        # plus any named ones outside the default list (e.g. seesaw_named:CASE), run last because a
         # SCHEDULE: prefix stays set for the cases after it
         names = case_names() + [c for c in args.cases if c not in case_names()]
     failed = 0

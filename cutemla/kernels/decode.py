@@ -541,8 +541,7 @@ def get_decode_fn(dtype, d_qk: int = 576, schedule: str = "pipelined", l2_prefet
     from .jit import compile_cache
 
     if schedule.startswith("seesaw"):
-        # "seesaw", or an experiment: "seesaw_sync", "seesaw_mbar", "seesaw_mbar_thread"
-        # (seesaw.SCHEDULE_OPTIONS).
+        # "seesaw", or "seesaw_named" (named-barrier hand-offs; seesaw.SCHEDULE_OPTIONS).
         from .seesaw import SCHEDULE_OPTIONS, compile_decode_seesaw
 
         if schedule not in SCHEDULE_OPTIONS:

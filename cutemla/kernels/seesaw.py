@@ -28,23 +28,23 @@ load starts as soon as half a stage is free:
 Producer warp 0 fills stage 0 (and loads Q), warp 1 fills stage 1, each in its release order; every
 K sub-tile has its own full mbarrier. Needs the 576-column head (the P tiles use the RoPE sub-tile).
 
-Experiment "seesaw_mbar" (MlaDecodeSeesaw(..., mbarrier_handoff=True)): the consumer-to-consumer
-hand-offs use shared-memory mbarriers instead of named barriers. compute-sanitizer racecheck reports RAW
-hazards on the named-barrier SCALE1 hand-off (store -> BAR.ARV; other side BAR.SYNC -> load, in that
-order in the SASS); the hypothesis is that it mispairs named barriers whose participants reach them
-from different instructions (here each consumer has its own trace-time specialised code path). An
-mbarrier is a memory object, so that pairing question does not arise. The protocol, barrier by barrier
-(words of SharedStorage.mbar_handoff; "arrive" is one arrive per warp from lane 0 after a __syncwarp,
-so count 4 for one warpgroup and 8 for both, or with handoff_arrivals="thread" one arrive per thread,
-counts 128 and 256; every mbarrier.arrive is a release and every try_wait an acquire, at CTA scope):
+Consumer-to-consumer hand-offs go through shared-memory mbarriers with one arrive per thread
+(schedule "seesaw"). The named-barrier form FlashMLA uses (bar.arrive / bar.sync) is kept as schedule
+"seesaw_named" (MlaDecodeSeesaw(..., handoff="named")): it runs at the same speed, but compute-sanitizer
+racecheck reports RAW hazards on its SCALE1 hand-off (store -> BAR.ARV; other side BAR.SYNC -> load, in
+that order in the SASS), and with one arrive per warp (lane 0 after a __syncwarp) the mbarrier form still
+had reports; with per-thread arrives racecheck is clean (perf/results/2026-11-25-h100-sanitize.md). Every
+mbarrier.arrive is a release and every try_wait an acquire, at CTA scope, so each thread's own earlier
+shared-memory accesses are ordered before the waiter's later ones. The protocol, barrier by barrier
+(words of SharedStorage.mbar_handoff; counts 128 for one warpgroup, 256 for both):
 
-  word  barrier    arrives (count)           waits               parity (phase completed)
-  0     SCALE0     consumer 0, step 1 (4)    consumer 1, step 1  fills0 % 2   (pairs so far)
-  1     SCALE1     consumer 1, step 1 (4)    consumer 0, step 3  fills0 % 2
-  2     P0_READY   consumer 0, step 3 (4)    consumer 1, step 3  fills0 % 2
-  3     P1_READY   consumer 1, step 2 (4)    consumer 0, step 4  fills1 % 2   (pairs with an n1)
+  word  barrier    arrives                   waits               parity (phase completed)
+  0     SCALE0     consumer 0, step 1        consumer 1, step 1  fills0 % 2   (pairs so far)
+  1     SCALE1     consumer 1, step 1        consumer 0, step 3  fills0 % 2
+  2     P0_READY   consumer 0, step 3        consumer 1, step 3  fills0 % 2
+  3     P1_READY   consumer 1, step 2        consumer 0, step 4  fills1 % 2   (pairs with an n1)
         (both only when the pair has an n1)
-  4     ROW_SUM    both, end of request (8)  both                (q_fills - 1) % 2 (requests so far)
+  4     ROW_SUM    both, end of request      both                (q_fills - 1) % 2 (requests so far)
 
 fills0, fills1 and q_fills are the counters both consumers already keep for the TMA barriers (fills0
 counts pairs, fills1 pairs with an n1, q_fills requests), fills0 / fills1 read before the pair
@@ -53,25 +53,25 @@ pairs and requests with no new loop state. A fresh mbarrier is in phase 0, and a
 wait for parity p returns once the phase of parity p has completed.
 
 No arrive can run two phases ahead of its waiter (the parity wait could not tell them apart), and no
-warp can arrive twice in one phase: every barrier's next arrive sits behind a wait that needs the
+thread can arrive twice in one phase: every barrier's next arrive sits behind a wait that needs the
 waiter's progress past its previous wait. SCALE0(k+1) is arrived after consumer 0 waited SCALE1(k),
 which consumer 1 arrives after waiting SCALE0(k); symmetrically SCALE1(k+1) after SCALE0(k+1);
 P0_READY(k+1) after SCALE1(k+1) (consumer 1 waited P0_READY(k) in pair k); P1_READY at a later pair
 after SCALE0 of that pair (consumer 0 waited P1_READY in an earlier pair); ROW_SUM(r+1) after the
-arriving warp's own wait of ROW_SUM(r), which needs all 8 warps' arrives of r.
+arriving thread's own wait of ROW_SUM(r), which needs all 256 arrives of r.
 
 Write-after-read (no separate "consumed" barrier is needed; each is implied by the opposite hand-off,
-as with the named barriers, because a warp's arrive comes after all its lanes' reads (sync_warp)):
+because a thread arrives after its own reads):
   sRowMax = m0, sScale[:, 0]: consumer 0 writes them in pair k+1 after waiting SCALE1(k); consumer 1
     arrived SCALE1(k) after reading m0 and scale0 (and re-reading scale0) of pair k.
   sRowMax = m1, sScale[:, 1]: consumer 1 writes them in pair k after waiting SCALE0(k); consumer 0
     arrived SCALE0(k) after reading m1 and scale1 of pair k-1 (step 3). Within a warp, the existing
     sync_warp before each leader write orders the other lanes' reads of the same rows (rows are
     warp-private: warp w holds rows 16w..16w+15).
-  sRowSum: double-buffered by request parity as before; buffer b is rewritten at request r+2 only
-    after the writer waited ROW_SUM(r+1), which the reader arrives after reading b at request r.
-  P tiles (RoPE sub-tile of each stage): unchanged; rewritten only after the stage is refilled, i.e.
-    after the reader's empty-barrier release following its PV WGMMA (the TMA pipeline orders it).
+  sRowSum: double-buffered by request parity; buffer b is rewritten at request r+2 only after the
+    writer waited ROW_SUM(r+1), which the reader arrives after reading b at request r.
+  P tiles (RoPE sub-tile of each stage): rewritten only after the stage is refilled, i.e. after the
+    reader's empty-barrier release following its PV WGMMA (the TMA pipeline orders it).
 P0/P1: the writer's stores, fence.proxy.async (each thread), then the arrive; the waiter's WGMMA
 reads the tile after its acquire.
 """
@@ -101,14 +101,15 @@ STAGE_HALVES = (
     ((0, (0, 1, 2, 3)), (1, (4, 5, 6, 7, 8))),   # stage 0: L then R
     ((1, (4, 5, 6, 7)), (0, (0, 1, 2, 3, 8))),   # stage 1: R then L
 )
-# Named barriers (id 0 is __syncthreads): between the consumers (256 threads), and per consumer.
+# Named barriers (id 0 is __syncthreads): between the consumers (256 threads; handoff="named"
+# only), and per consumer.
 BARRIER_SCALE0 = 1    # consumer 0 published m0 and exp2(m_old - m0)
 BARRIER_SCALE1 = 2    # consumer 1 published m1 and exp2(m0 - m1)
 BARRIER_P0_READY = 3  # rescaled P0 in smem
 BARRIER_P1_READY = 4  # P1 in smem
 BARRIER_ROW_SUM = 5   # row sums at the end of a request
 BARRIER_WG = 6        # 6 + wg: one consumer's zeroed V tail is visible to its WGMMAs
-# mbarrier_handoff: the words of SharedStorage.mbar_handoff (see the protocol at the top).
+# The words of SharedStorage.mbar_handoff (see the protocol at the top).
 HANDOFF_SCALE0, HANDOFF_SCALE1, HANDOFF_P0_READY, HANDOFF_P1_READY, HANDOFF_ROW_SUM = range(5)
 NUM_HANDOFF = 5
 LN2 = math.log(2.0)
@@ -118,23 +119,17 @@ class MlaDecodeSeesaw(MlaDecode):
     """Split-KV MLA decode, seesaw schedule. Same call signature and outputs as MlaDecode."""
 
     def __init__(self, dtype, d_qk: int = D_QK, l2_prefetch_blocks: int = 0,
-                 regs: tuple = (56, 224), blocking_scale1: bool = False,
-                 mbarrier_handoff: bool = False, handoff_arrivals: str = "warp"):
+                 regs: tuple = (56, 224), handoff: str = "mbarrier"):
         assert d_qk == D_QK, "the seesaw schedule keeps P tiles in the RoPE sub-tile: d must be 576"
         self.dtype = dtype
         self.d_qk = d_qk
         self.kv_stages = 2
         self.num_subtiles = NUM_SUBTILES
         self.l2_prefetch_blocks = l2_prefetch_blocks
-        # Consumer 1 waits at SCALE1 instead of only arriving (schedule "seesaw_sync"): an experiment
-        # on compute-sanitizer racecheck's reading of the arrive -> sync hand-off of m1.
-        self.blocking_scale1 = blocking_scale1
-        # Consumer-to-consumer hand-offs through mbarriers instead of named barriers (schedule
-        # "seesaw_mbar"; "seesaw_mbar_thread" arrives per thread instead of per warp).
-        assert not (blocking_scale1 and mbarrier_handoff)
-        assert handoff_arrivals in ("warp", "thread")
-        self.mbarrier_handoff = mbarrier_handoff
-        self.handoff_per_thread = handoff_arrivals == "thread"
+        # Consumer-to-consumer hand-offs: smem mbarriers ("mbarrier", the default) or named
+        # barriers ("named", schedule "seesaw_named"); see the module docstring.
+        assert handoff in ("mbarrier", "named"), handoff
+        self.mbarrier_handoff = handoff == "mbarrier"
         self.subtile_bytes = BLOCK_N * SUBTILE_K * dtype.width // 8
         self.q_bytes = BLOCK_M * d_qk * dtype.width // 8
         # setmaxnreg split (producer, consumer): 128 * p + 256 * c must stay within 168 * 384.
@@ -378,7 +373,7 @@ class MlaDecodeSeesaw(MlaDecode):
             if const_expr(self.mbarrier_handoff):
                 row_total = self.exchange_row_sums_mbar(row_sum, sRowSum, tile_row, wg, quad_leader,
                                                         req % 2, handoff + HANDOFF_ROW_SUM,
-                                                        (q_fills - 1) % 2, lane)
+                                                        (q_fills - 1) % 2)
             else:
                 row_total = sm.exchange_row_sums(row_sum, sRowSum, tile_row, wg, quad_leader,
                                                  req % 2, BARRIER_ROW_SUM)
@@ -417,7 +412,7 @@ class MlaDecodeSeesaw(MlaDecode):
                     sRowMax[tile_row + 8 * r] = row_max[r]
                     sScale[tile_row + 8 * r, 0] = factors[r]
             if const_expr(self.mbarrier_handoff):
-                self.handoff_arrive(handoff + HANDOFF_SCALE0, lane)
+                self.handoff_arrive(handoff + HANDOFF_SCALE0)
             else:
                 barriers.arrive(BARRIER_SCALE0, 256)
             rescale[0] = factors[0]
@@ -444,7 +439,7 @@ class MlaDecodeSeesaw(MlaDecode):
             cute.autovec_copy(rP, tPsP[None, None, None, 0])
             cute.arch.fence_view_async_shared()
             if const_expr(self.mbarrier_handoff):
-                self.handoff_arrive(handoff + HANDOFF_P0_READY, lane)
+                self.handoff_arrive(handoff + HANDOFF_P0_READY)
             else:
                 barriers.arrive(BARRIER_P0_READY, 256)
             sm.rescale_rows(acc_O, rescale)
@@ -522,9 +517,7 @@ class MlaDecodeSeesaw(MlaDecode):
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 rescale[r] = rescale[r] * sScale[tile_row + 8 * r, 0]
             if const_expr(self.mbarrier_handoff):
-                self.handoff_arrive(handoff + HANDOFF_SCALE1, lane)
-            elif const_expr(self.blocking_scale1):
-                barriers.sync(BARRIER_SCALE1, 256)
+                self.handoff_arrive(handoff + HANDOFF_SCALE1)
             else:
                 barriers.arrive(BARRIER_SCALE1, 256)
             sm.rescale_rows(acc_O, rescale)
@@ -534,7 +527,7 @@ class MlaDecodeSeesaw(MlaDecode):
                 cute.autovec_copy(rP, tPsP[None, None, None, 1])
                 cute.arch.fence_view_async_shared()
                 if const_expr(self.mbarrier_handoff):
-                    self.handoff_arrive(handoff + HANDOFF_P1_READY, lane)
+                    self.handoff_arrive(handoff + HANDOFF_P1_READY)
                 else:
                     barriers.arrive(BARRIER_P1_READY, 256)
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
@@ -564,26 +557,20 @@ class MlaDecodeSeesaw(MlaDecode):
         return fills0, fills1
 
     def handoff_count(self, index: int) -> int:
-        """Arrival count of hand-off mbarrier `index`: one consumer warpgroup's warps (or threads),
-        both warpgroups' for ROW_SUM."""
-        per_wg = 128 if self.handoff_per_thread else 4
-        return 2 * per_wg if index == HANDOFF_ROW_SUM else per_wg
+        """Arrival count of hand-off mbarrier `index`: one consumer warpgroup's threads, both
+        warpgroups' for ROW_SUM."""
+        return 2 * 128 if index == HANDOFF_ROW_SUM else 128
 
     @cute.jit
-    def handoff_arrive(self, bar, lane):
-        """Arrive at a hand-off mbarrier (mbarrier_handoff): once per warp, from lane 0 after a
-        __syncwarp that orders every lane's earlier shared-memory accesses before the arrive's
-        release, or (handoff_arrivals="thread") once per thread."""
-        if const_expr(self.handoff_per_thread):
-            cute.arch.mbarrier_arrive(bar)
-        else:
-            cute.arch.sync_warp()
-            if lane == 0:
-                cute.arch.mbarrier_arrive(bar)
+    def handoff_arrive(self, bar):
+        """Arrive at a hand-off mbarrier, once per thread: each thread's arrive releases its own
+        earlier shared-memory accesses (one arrive per warp after a __syncwarp relies on the
+        warp barrier's cumulativity, which racecheck does not follow)."""
+        cute.arch.mbarrier_arrive(bar)
 
     @cute.jit
     def exchange_row_sums_mbar(self, row_sum, sRowSum, tile_row, wg: cutlass.Constexpr[int],
-                               quad_leader, buf, bar, parity, lane):
+                               quad_leader, buf, bar, parity):
         """softmax.exchange_row_sums with the ROW_SUM mbarrier (both consumers arrive, then wait
         for the phase of `parity`) in place of the named barrier."""
         row_total = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
@@ -592,7 +579,7 @@ class MlaDecodeSeesaw(MlaDecode):
         if quad_leader:
             sRowSum[tile_row, wg, buf] = row_total[0]
             sRowSum[tile_row + 8, wg, buf] = row_total[1]
-        self.handoff_arrive(bar, lane)
+        self.handoff_arrive(bar)
         cute.arch.mbarrier_wait(bar, parity)
         row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
         row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
@@ -654,24 +641,20 @@ class MlaDecodeSeesaw(MlaDecode):
 
 
 def compile_decode_seesaw(dtype, d_qk: int = D_QK, options: str | None = None,
-                          l2_prefetch_blocks: int = 0, regs: tuple = (56, 224), blocking_scale1: bool = False,
-                          mbarrier_handoff: bool = False, handoff_arrivals: str = "warp"):
+                          l2_prefetch_blocks: int = 0, regs: tuple = (56, 224), handoff: str = "mbarrier"):
     """Compile (uncached) the seesaw decode. Use `get_decode_fn(..., schedule="seesaw")`."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
     kernel = MlaDecodeSeesaw(dtype, d_qk, l2_prefetch_blocks=l2_prefetch_blocks, regs=regs,
-                             blocking_scale1=blocking_scale1, mbarrier_handoff=mbarrier_handoff,
-                             handoff_arrivals=handoff_arrivals)
+                             handoff=handoff)
     return cute.compile(kernel, *_fake_args(dtype, d_qk), fake_stream(),
                         options=options or COMPILE_OPTIONS)
 
 
-# Schedule names of the seesaw experiments (get_decode_fn) -> MlaDecodeSeesaw options.
+# Schedule names of the seesaw (get_decode_fn) -> MlaDecodeSeesaw options.
 SCHEDULE_OPTIONS = {
     "seesaw": {},
-    "seesaw_sync": {"blocking_scale1": True},
-    "seesaw_mbar": {"mbarrier_handoff": True},
-    "seesaw_mbar_thread": {"mbarrier_handoff": True, "handoff_arrivals": "thread"},
+    "seesaw_named": {"handoff": "named"},
 }
 
 
@@ -686,6 +669,6 @@ def compile_configs():
     configs.update({
         f"{name}_d576_{schedule}": partial(compile_decode_seesaw, dt, D_QK, **SCHEDULE_OPTIONS[schedule])
         for name, dt in (("bf16", cutlass.BFloat16), ("fp16", cutlass.Float16))
-        for schedule in ("seesaw_mbar", "seesaw_mbar_thread")
+        for schedule in ("seesaw_named",)
     })
     return configs
