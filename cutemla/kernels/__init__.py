@@ -18,6 +18,7 @@ _TORCH_TO_DSL = {torch.bfloat16: "BFloat16", torch.float16: "Float16"}
 # "seesaw" (kernels/seesaw.py, d = 576 only).
 # CUTEMLA_DECODE_SCHEDULE overrides it for experiments.
 DEFAULT_SCHEDULE = "seesaw"
+SEESAW_PREFETCH_MAX_BATCH = 32  # the seesaw prefetches into L2 at h_q * s_q > 64 up to this batch
 # Blocks ahead of its TMA loads that the producer warms L2 with (CUTEMLA_L2_PREFETCH overrides),
 # used only when a KV head has more than one 64-row M tile (h_q * s_q / h_kv > 64): there the CTAs
 # of the other M tiles read the same pages, and the H100 A/B (perf/results/2026-11-25-h100-ab.csv)
@@ -83,15 +84,19 @@ def _dsl_dtype(dtype: torch.dtype):
     return found
 
 
-def decode_variant(d: int, rows: int, schedule: str | None = None) -> tuple[str, int]:
-    """(schedule, L2 prefetch blocks) of the decode kernel for head dim d and `rows` folded query
-    rows per KV head (s_q * h_q / h_kv). CUTEMLA_DECODE_SCHEDULE / CUTEMLA_L2_PREFETCH override."""
+def decode_variant(d: int, rows: int, schedule: str | None = None, batch: int | None = None) -> tuple[str, int]:
+    """(schedule, L2 prefetch blocks) of the decode kernel for head dim d, `rows` folded query rows per KV
+    head (s_q * h_q / h_kv) and `batch` requests. CUTEMLA_DECODE_SCHEDULE / CUTEMLA_L2_PREFETCH override."""
     schedule = schedule or os.environ.get("CUTEMLA_DECODE_SCHEDULE", DEFAULT_SCHEDULE)
     if schedule.startswith("seesaw") and d != 576:
         schedule = "pipelined"  # the seesaw keeps P tiles in the RoPE columns
-    # The seesaw measured best without L2 prefetch except at tiny batches (perf/results/
-    # 2026-11-25-h100-ab-seesaw.csv: 1155 vs 1189 us at 128x1x16k h128, 70.6 vs 67.5 at 1x64k).
-    default_prefetch = 0 if schedule.startswith("seesaw") or rows <= 64 else DEFAULT_L2_PREFETCH
+    if schedule.startswith("seesaw"):
+        # L2 prefetch one pair ahead pays only where several M tiles share each page and the batch is
+        # small (perf/results/2026-11-25-h100-ab-seesaw.csv, h128: 70.6 -> 67.5 us at 1x64k, 99.9 -> 96.0
+        # at 4x32k, 70.6 -> 68.9 at 32x2k; but 1155 -> 1189 at 128x16k, and slower at every h16 case).
+        default_prefetch = int(rows > 64 and batch is not None and batch <= SEESAW_PREFETCH_MAX_BATCH)
+    else:
+        default_prefetch = 0 if rows <= 64 else DEFAULT_L2_PREFETCH
     return schedule, int(os.environ.get("CUTEMLA_L2_PREFETCH", default_prefetch))
 
 
@@ -126,7 +131,7 @@ def dense_decode_launches(q, kcache, block_table, cache_seqlens, tile_scheduler_
         causal = False
     g = h_q // h_kv
     rows = s_q * g
-    decode = get_decode_fn(_dsl_dtype(q.dtype), d, *decode_variant(d, rows, schedule))
+    decode = get_decode_fn(_dsl_dtype(q.dtype), d, *decode_variant(d, rows, schedule, b))
     q_rows = _tma_ready(q.reshape(b, rows, 1, d) if h_kv == 1 else fold_q(q, h_kv), "q", copy_ok=True)
     kcache = _tma_ready(kcache, "k_cache", copy_ok=False)
     decode_args = (q_rows, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,

@@ -113,19 +113,23 @@ BARRIER_WG = 6        # 6 + wg: one consumer's zeroed V tail is visible to its W
 HANDOFF_SCALE0, HANDOFF_SCALE1, HANDOFF_P0_READY, HANDOFF_P1_READY, HANDOFF_ROW_SUM = range(5)
 NUM_HANDOFF = 5
 LN2 = math.log(2.0)
+L2_EVICT_FIRST = 0x12F0000000000000  # the TMA L2 cache-hint word of the EVICT_FIRST policy (CUTLASS CacheHintSm90)
 
 
 class MlaDecodeSeesaw(MlaDecode):
     """Split-KV MLA decode, seesaw schedule. Same call signature and outputs as MlaDecode."""
 
     def __init__(self, dtype, d_qk: int = D_QK, l2_prefetch_blocks: int = 0,
-                 regs: tuple = (56, 224), handoff: str = "mbarrier"):
+                 regs: tuple = (56, 224), handoff: str = "mbarrier", evict_first_kv: bool = False):
         assert d_qk == D_QK, "the seesaw schedule keeps P tiles in the RoPE sub-tile: d must be 576"
         self.dtype = dtype
         self.d_qk = d_qk
         self.kv_stages = 2
         self.num_subtiles = NUM_SUBTILES
         self.l2_prefetch_blocks = l2_prefetch_blocks
+        # K/V TMA loads with the L2 EVICT_FIRST policy, as FlashMLA does (schedule "seesaw_evict_first",
+        # an experiment: at h_q 128 the other M tile's CTA rereads each page from L2).
+        self.evict_first_kv = evict_first_kv
         # Consumer-to-consumer hand-offs: smem mbarriers ("mbarrier", the default) or named
         # barriers ("named", schedule "seesaw_named"); see the module docstring.
         assert handoff in ("mbarrier", "named"), handoff
@@ -296,8 +300,13 @@ class MlaDecodeSeesaw(MlaDecode):
                         bar = full + stage * NUM_SUBTILES + subtiles[t]
                         with cute.arch.elect_one():
                             cute.arch.mbarrier_arrive_and_expect_tx(bar, self.subtile_bytes)
-                        cute.copy(tma_atom_K, tKgK[None, subtiles[t], page],
-                                  tKsK[None, subtiles[t], stage], tma_bar_ptr=bar)
+                        if const_expr(self.evict_first_kv):
+                            cute.copy(tma_atom_K, tKgK[None, subtiles[t], page],
+                                      tKsK[None, subtiles[t], stage], tma_bar_ptr=bar,
+                                      cache_policy=cutlass.Int64(L2_EVICT_FIRST))
+                        else:
+                            cute.copy(tma_atom_K, tKgK[None, subtiles[t], page],
+                                      tKsK[None, subtiles[t], stage], tma_bar_ptr=bar)
                 fills += 1
                 if const_expr(self.l2_prefetch_blocks > 0):
                     # This warp's next tile is 2 ahead; warm L2 for the one after it.
@@ -641,12 +650,13 @@ class MlaDecodeSeesaw(MlaDecode):
 
 
 def compile_decode_seesaw(dtype, d_qk: int = D_QK, options: str | None = None,
-                          l2_prefetch_blocks: int = 0, regs: tuple = (56, 224), handoff: str = "mbarrier"):
+                          l2_prefetch_blocks: int = 0, regs: tuple = (56, 224), handoff: str = "mbarrier",
+                          evict_first_kv: bool = False):
     """Compile (uncached) the seesaw decode. Use `get_decode_fn(..., schedule="seesaw")`."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
     kernel = MlaDecodeSeesaw(dtype, d_qk, l2_prefetch_blocks=l2_prefetch_blocks, regs=regs,
-                             handoff=handoff)
+                             handoff=handoff, evict_first_kv=evict_first_kv)
     return cute.compile(kernel, *_fake_args(dtype, d_qk), fake_stream(),
                         options=options or COMPILE_OPTIONS)
 
@@ -655,6 +665,7 @@ def compile_decode_seesaw(dtype, d_qk: int = D_QK, options: str | None = None,
 SCHEDULE_OPTIONS = {
     "seesaw": {},
     "seesaw_named": {"handoff": "named"},
+    "seesaw_evict_first": {"evict_first_kv": True},
 }
 
 
@@ -669,6 +680,6 @@ def compile_configs():
     configs.update({
         f"{name}_d576_{schedule}": partial(compile_decode_seesaw, dt, D_QK, **SCHEDULE_OPTIONS[schedule])
         for name, dt in (("bf16", cutlass.BFloat16), ("fp16", cutlass.Float16))
-        for schedule in ("seesaw_named",)
+        for schedule in ("seesaw_named", "seesaw_evict_first")
     })
     return configs
