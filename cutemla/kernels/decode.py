@@ -453,18 +453,14 @@ class MlaDecode:
         for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
             row = row0 + r * 8
             if row < rows:
+                # Column pairs as one 8-byte (fp32) or 4-byte store each from a per-row base: the
+                # outputs' strides are declared even (_fake_args), so pairs are aligned.
                 if is_split:
-                    for i in cutlass.range_constexpr(cute.size(acc_O)):
-                        if const_expr((i // 2) % 2 == r):
-                            _, col = sm.acc_row_col(tidx, i)
-                            mOAccum[split, kv_head, row, col_base + col] = acc_O[i]
+                    sm.store_row(acc_O, r, tidx, col_base, mOAccum[split, kv_head, row, None], Float32)
                     if wg == 0 and lane % 4 == 0:
                         mLseAccum[split, kv_head, row] = lse2[r]
                 else:
-                    for i in cutlass.range_constexpr(cute.size(acc_O)):
-                        if const_expr((i // 2) % 2 == r):
-                            _, col = sm.acc_row_col(tidx, i)
-                            mOut[row, col_base + col, kv_head, req] = acc_O[i].to(self.dtype)
+                    sm.store_row(acc_O, r, tidx, col_base, mOut[row, None, kv_head, req], self.dtype)
                     if wg == 0 and lane % 4 == 0:
                         lse_nat = Float32(Float32.inf)
                         if lse2[r] != -Float32.inf:
@@ -500,6 +496,9 @@ def _fake_args(dtype, d_qk: int):
     def dyn_stride():
         return cute.sym_int64(divisibility=8)
 
+    def even_stride():
+        return cute.sym_int64(divisibility=2)
+
     b, rows, h_kv = cute.sym_int32(symbol="b"), cute.sym_int32(symbol="rows"), cute.sym_int32(symbol="h_kv")
     q = make_fake_tensor(dtype, (b, rows, h_kv, d_qk), (dyn_stride(), dyn_stride(), dyn_stride(), 1),
                          assumed_align=16)
@@ -510,15 +509,16 @@ def _fake_args(dtype, d_qk: int):
     meta = make_fake_tensor(Int32, (cute.sym_int32(), 8), (8, 1), assumed_align=4)
     num_splits = make_fake_tensor(Int32, (cute.sym_int32(),), (1,), assumed_align=4)
     s_q, g = cute.sym_int32(symbol="s_q"), cute.sym_int32(symbol="g")
+    # The outputs are cutemla's own contiguous buffers (dense_decode_launches): strides are multiples of
+    # 512. Declaring them even lets the epilogue store column pairs as one vector each.
     out = make_fake_tensor(dtype, (b, s_q, h_kv, g, D_V),
-                           (cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), 1),
-                           assumed_align=4)
+                           (even_stride(), even_stride(), even_stride(), even_stride(), 1), assumed_align=4)
     lse = make_fake_tensor(Float32, (b, h_kv, g, s_q),
                            (cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), cute.sym_int64()),
                            assumed_align=4)
     splits = cute.sym_int32(symbol="splits")
     o_accum = make_fake_tensor(Float32, (splits, h_kv, rows, D_V),
-                               (cute.sym_int64(), cute.sym_int64(), cute.sym_int64(), 1), assumed_align=16)
+                               (even_stride(), even_stride(), even_stride(), 1), assumed_align=16)
     lse_accum = make_fake_tensor(Float32, (splits, h_kv, rows),
                                  (cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
     return (q, kcache, block_table, seqlens, meta, num_splits, out, lse, o_accum, lse_accum,

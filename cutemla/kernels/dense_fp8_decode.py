@@ -188,13 +188,13 @@ class MlaDenseDecodeFp8(MlaSparseDecodeFp8):
             row = row0 + r * 8
             if row < rows:
                 if is_split:
-                    self.store_row(acc_O, r, tidx, col_base, mOAccum[split, 0, row, None], Float32)
+                    sm.store_row(acc_O, r, tidx, col_base, mOAccum[split, 0, row, None], Float32)
                     if wg == 0 and lane % 4 == 0:
                         mLseAccum[split, 0, row] = lse2[r]
                 else:
                     s_idx = row // g
                     head = row - s_idx * g
-                    self.store_row(acc_O, r, tidx, col_base, mOut[req, s_idx, head, None], self.dtype)
+                    sm.store_row(acc_O, r, tidx, col_base, mOut[req, s_idx, head, None], self.dtype)
                     if wg == 0 and lane % 4 == 0:
                         lse_nat = Float32(Float32.inf)
                         if lse2[r] != -Float32.inf:

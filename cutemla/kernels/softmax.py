@@ -1,5 +1,6 @@
 """Online softmax in base 2 on WGMMA accumulators (register fragments of an m64nN tile), the
-row-statistics exchange between two consumer warpgroups, and the PV WGMMA they share.
+row-statistics exchange between two consumer warpgroups, the PV WGMMA they share, and the
+epilogue's row stores.
 
 Fragment facts this relies on (the sm90 m64nNk16 C layout): thread t of a warpgroup (warp w, lane l)
 holds rows 16w + l//4 and 16w + l//4 + 8; its value i sits in column 8*(i//4) + 2*(l%4) + i%2 of row
@@ -152,6 +153,21 @@ def normalize_rows(acc_O: cute.Tensor, row_max: cute.Tensor, row_total: cute.Ten
             lse2[r] = -Float32.inf
     rescale_rows(acc_O, inv)
     return lse2
+
+
+@cute.jit
+def store_row(acc_O: cute.Tensor, r: cutlass.Constexpr[int], tidx_in_wg, col_base, row_tensor: cute.Tensor,
+              dtype: cutlass.Constexpr):
+    """Write this thread's values of its accumulator row r (0 or 1) into row_tensor[col_base + col] as
+    column pairs, one 4-byte (16-bit dtype) or 8-byte (fp32) store each. row_tensor is one output row
+    with a static unit stride; its base must be aligned to a pair (the caller's layout proves it)."""
+    for i in cutlass.range_constexpr(cute.size(acc_O)):
+        if cutlass.const_expr((i // 2) % 2 == r and i % 2 == 0):
+            _, col = acc_row_col(tidx_in_wg, i)
+            pair = cute.make_rmem_tensor(2, dtype)
+            pair[0] = acc_O[i].to(dtype)
+            pair[1] = acc_O[i + 1].to(dtype)
+            cute.autovec_copy(pair, cute.local_tile(row_tensor, (2,), ((col_base + col) // 2,)))
 
 
 @cute.jit

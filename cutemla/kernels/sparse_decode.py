@@ -497,27 +497,16 @@ class MlaSparseDecodeFp8:
             if head < h_q:
                 if is_split:
                     row = s_idx * h_q + head  # the combine's row: query position * h_q + head
-                    self.store_row(acc_O, r, tidx, col_base, mOAccum[split_idx, 0, row, None], Float32)
+                    sm.store_row(acc_O, r, tidx, col_base, mOAccum[split_idx, 0, row, None], Float32)
                     if wg == 0 and lane % 4 == 0:
                         mLseAccum[split_idx, 0, row] = lse2[r]
                 else:
-                    self.store_row(acc_O, r, tidx, col_base, mOut[batch, s_idx, head, None], self.dtype)
+                    sm.store_row(acc_O, r, tidx, col_base, mOut[batch, s_idx, head, None], self.dtype)
                     if wg == 0 and lane % 4 == 0:
                         lse_nat = Float32(Float32.inf)
                         if lse2[r] != -Float32.inf:
                             lse_nat = lse2[r] * LN2
                         mLse[batch, s_idx, head] = lse_nat
-
-    @cute.jit
-    def store_row(self, acc_O, r: cutlass.Constexpr[int], tidx, col_base, row_tensor, dtype: cutlass.Constexpr):
-        """This thread's values of accumulator row r, as column pairs (one 4- or 8-byte store each)."""
-        for i in cutlass.range_constexpr(cute.size(acc_O)):
-            if const_expr((i // 2) % 2 == r and i % 2 == 0):
-                _, col = sm.acc_row_col(tidx, i)
-                pair = cute.make_rmem_tensor(2, dtype)
-                pair[0] = acc_O[i].to(dtype)
-                pair[1] = acc_O[i + 1].to(dtype)
-                cute.autovec_copy(pair, cute.local_tile(row_tensor, (2,), ((col_base + col) // 2,)))
 
 
 # ----------------------------------------------------------------------------------------------------------
