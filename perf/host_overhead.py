@@ -77,6 +77,8 @@ def make_calls(device, b: int = 1, s_q: int = 1, h_q: int = 16, h_kv: int = 1, s
     return {
         "MLADecoder.run (static buffers, prepared launches; plan() once)":
             lambda: decoder.run(decoder.q_buf[:b], kcache, decoder.block_table[:b]),
+        "MLADecoder.run(None, kv_cache, None) (inputs already in q_buf / block_table: no slices, no checks)":
+            lambda: decoder.run(None, kcache, None),
         "flash_mla_with_kvcache (FlashMLASchedMeta reused)":
             lambda: cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, sched, causal=True),
         OLD_STYLE:

@@ -21,7 +21,7 @@ from cutemla.profile import (
 from cutemla.testing import DecodeCase, decode_bytes, decode_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # perf/ is not installed; works under bare `pytest`
-from perf import bench_flashmla, profile as perf_profile, sparse_fp8, sweep
+from perf import bench_flashmla, host_overhead, profile as perf_profile, sparse_fp8, sweep
 from perf.cases import FLASHMLA_CONFIGS, PRESETS, SweepCase, expand_presets, parse_case, parse_cases
 from perf.providers import BASELINE_CSV
 from perf.schema import BASELINE_FIELDS, COLUMNS, DTYPES, read_results, to_frame
@@ -431,3 +431,18 @@ def test_top_level_profile_decode_is_lazy_and_works_on_cpu():
                                     iters=1, trials=1)
     assert {"scheduler", "decode", "total"} <= set(report.table.index)
     assert report.table.loc["total", "time_us"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host overhead (CPU mode: everything but the compiled kernels runs)
+
+
+def test_host_overhead_cpu_table(clean_api_state):
+    from cutemla import kernels
+
+    before = dict(kernels._compiled_launches)
+    results = host_overhead.measure(iters=20, loops=1)
+    names = list(results)
+    assert len(names) == 7 and all(us > 0 for us in results.values())
+    assert names[0].startswith("MLADecoder.run") and host_overhead.OLD_STYLE in names
+    assert kernels._compiled_launches == before  # the stubs do not outlive the measurement
