@@ -37,14 +37,15 @@ class MLADecoder:
     * **Per layer**: ``run(q, kv_cache, block_table)`` with ``q [b, s_q, h_q, head_dim]`` (the planned ``b``),
       this layer's ``kv_cache [num_blocks, page_size, h_kv, head_dim]`` (first 512 columns are V) and
       ``block_table [b, <= max_blocks_per_seq]`` int32. Inputs are copied into the static buffers unless
-      they already are them (pass ``decoder.q_buf[:b]`` / ``decoder.block_table[:b]`` to skip the copies);
+      they already are them (pass ``decoder.q_buf[:b]`` / ``decoder.block_table[:b]`` to skip the copies, or
+      ``None`` when they were written in place: no slices and no checks, the cheapest call);
       the decode always covers all ``max_batch`` rows. Returns views ``out[:b]`` and ``lse[:b]`` of the static
       outputs (also copied into ``out=`` / ``lse=`` when given). Every layer of a step reuses one plan.
     * **Launch cost.** On the kernel path the decode writes straight into ``out`` / ``lse`` and uses a split
       workspace the decoder owns (fp32, ``(max_batch + num_sm_parts) * h_kv * s_q * h_q / h_kv * 513`` words,
       allocated at the first ``run``). The prepared launch arguments are kept per KV-cache tensor (by address,
-      shape and strides), so a repeated ``run`` makes no torch calls besides the input copies: two kernel
-      launches and the checks. Consequences: one decoder serves one stream at a time (the workspace is
+      shape, strides and dtype: a cache seen before is not checked again, any other is), so a repeated ``run``
+      makes no torch calls besides the input copies: two kernel launches and the checks of q and block_table. Consequences: one decoder serves one stream at a time (the workspace is
       shared), and the decode variant (``CUTEMLA_DECODE_SCHEDULE``, ``CUTEMLA_L2_PREFETCH``) is fixed at a
       cache's first ``run``.
     * **CUDA graphs.** Capture ``plan`` and the ``run`` of every layer in one graph (compile kernels before
