@@ -1,11 +1,12 @@
-"""Host (Python) overhead of one decode call, with the kernel replaced by a stub that returns preallocated outputs.
+"""Host (Python) overhead of one decode call: the same table on the CPU (compiled kernels stubbed) and on the GPU.
 
-What is left is everything cutemla does around the kernel on the GPU path: argument checks, backend choice,
-metadata handling, the op wrapper. Runs on CPU (the stub stands in for ``cutemla.kernels.run_dense_decode``);
-on a GPU host the same numbers plus the real launch cost (TVM-FFI, ~a few us per kernel) apply.
+    python -m perf.host_overhead [--iters 20000]   # CPU: everything but the compiled kernels runs
+    python -m perf.host_overhead --cuda            # on an sm90 GPU host: the real calls, kernels launched
+    python -m perf.host_overhead --cuda --profile  # cProfile of one call and its pieces timed alone
 
-    python -m perf.host_overhead [--iters 20000]
-    python -m perf.host_overhead --cuda        # on an sm90 GPU host: the real calls, kernels launched
+On the CPU the compiled decode / combine functions are replaced by no-ops (``stub_compiled_kernels``), so the
+launchers, checks, allocations, views and caches run as on the GPU host; only the TVM-FFI launches (~12 us
+there) and the device scheduler are missing (the get_mla_metadata row runs the host scheduler on the CPU).
 
 With --cuda the case is tiny (one request of 64 tokens), so the GPU finishes each call's kernels before the
 host has issued the next call and the loop is bound by host time: wall time per call (no sync inside the
@@ -24,17 +25,22 @@ import torch
 import cutemla
 from cutemla import interface, kernels, ops
 from cutemla.decoder import MLADecoder
-from cutemla.schedule import get_decoding_sched_meta
+
+OLD_STYLE = "flash_mla_with_kvcache (old-style meta, num_splits)"
+
+
+def _noop_launch(*args) -> None:
+    pass
 
 
 @contextlib.contextmanager
-def stub_kernel(out: torch.Tensor, lse: torch.Tensor):
-    """Pretend the kernel backend is available on CPU and make the 'kernel' return the given outputs."""
-    def fake_decode(*args, **kwargs):
-        return out, lse
-
+def stub_compiled_kernels():
+    """Pretend the kernel backend is available on CPU, with no-op compiled decode and combine functions."""
+    stubs = (lambda *args, **kwargs: _noop_launch, lambda *args, **kwargs: _noop_launch)
     with mock.patch.object(kernels, "kernels_available", lambda device: True), \
-            mock.patch.object(kernels, "run_dense_decode", fake_decode):
+            mock.patch.object(kernels, "_launch", stubs), \
+            mock.patch.object(kernels, "_dsl_dtype", lambda dtype: dtype), \
+            mock.patch.dict(kernels._compiled_launches, clear=True):
         interface._reset_backend_state()
         try:
             yield
@@ -42,11 +48,12 @@ def stub_kernel(out: torch.Tensor, lse: torch.Tensor):
             interface._reset_backend_state()
 
 
-def _time_per_call(fn, iters: int) -> float:
+def _time_per_call(fn, iters: int, loops: int = 5) -> float:
+    """Best of `loops` timed loops, in microseconds per call (the best is the least disturbed by other load)."""
     for _ in range(min(iters, 200)):
         fn()
     best = float("inf")
-    for _ in range(5):
+    for _ in range(loops):
         start = time.perf_counter()
         for _ in range(iters):
             fn()
@@ -54,37 +61,8 @@ def _time_per_call(fn, iters: int) -> float:
     return best * 1e6
 
 
-def measure(iters: int = 20000, b: int = 64, s_q: int = 1, h_q: int = 128, h_kv: int = 1) -> dict:
-    """Microseconds per call (best of 5 loops) for each entry point, stub kernel."""
-    q = torch.zeros(b, s_q, h_q, 576, dtype=torch.bfloat16)
-    kcache = torch.zeros(b * 4, 64, h_kv, 576, dtype=torch.bfloat16)
-    block_table = torch.arange(b * 4, dtype=torch.int32).view(b, 4)
-    seqlens = torch.full((b,), 200, dtype=torch.int32)
-    meta, splits = get_decoding_sched_meta(seqlens, s_q, h_q, h_kv)
-    out = torch.empty(b, s_q, h_q, 512, dtype=torch.bfloat16)
-    lse = torch.empty(b, h_q, s_q, dtype=torch.float32)
-    results = {}
-    with stub_kernel(out, lse):
-        sched = cutemla.get_mla_metadata()[0]
-        cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, sched, causal=True)  # fills it
-        results["flash_mla_with_kvcache (FlashMLASchedMeta reused)"] = _time_per_call(
-            lambda: cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, sched, causal=True), iters)
-        results["flash_mla_with_kvcache (old-style meta, num_splits)"] = _time_per_call(
-            lambda: cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, meta, splits,
-                                                   causal=True), iters)
-        results["cutemla.ops.mla_decode (eager, no dispatcher)"] = _time_per_call(
-            lambda: ops.mla_decode(q, kcache, block_table, seqlens, meta, splits, causal=True), iters)
-        results["torch.ops.cutemla.mla_decode (dispatcher, no checks)"] = _time_per_call(
-            lambda: torch.ops.cutemla.mla_decode(q, kcache, block_table, seqlens, meta, splits, 0.04, True), iters)
-        results["stub alone"] = _time_per_call(lambda: kernels.run_dense_decode(q, kcache, block_table, seqlens,
-                                                                               meta, splits, 0.04, True), iters)
-    return results
-
-
-def measure_cuda(iters: int = 5000, b: int = 1, s_q: int = 1, h_q: int = 16, h_kv: int = 1,
-                 seqlen: int = 64) -> dict:
-    """Microseconds of host time per real call on the current GPU (best of 5 loops, no sync in a loop)."""
-    device = torch.device("cuda")
+def make_calls(device, b: int = 1, s_q: int = 1, h_q: int = 16, h_kv: int = 1, seqlen: int = 64) -> dict:
+    """The timed calls, by name, on one request of `seqlen` tokens (the same table on the CPU and the GPU)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randn(b, s_q, h_q, 576, generator=gen).to(device, torch.bfloat16)
     kcache = torch.randn(b * 4, 64, h_kv, 576, generator=gen).to(device, torch.bfloat16)
@@ -95,36 +73,52 @@ def measure_cuda(iters: int = 5000, b: int = 1, s_q: int = 1, h_q: int = 16, h_k
     decoder = MLADecoder(b, s_q, h_q, h_kv, dtype=torch.bfloat16, device=device, max_blocks_per_seq=4)
     decoder.plan(seqlens)
     decoder.block_table[:b].copy_(block_table)
-    calls = {
+    scale = 576 ** -0.5
+    return {
+        "MLADecoder.run (static buffers, prepared launches; plan() once)":
+            lambda: decoder.run(decoder.q_buf[:b], kcache, decoder.block_table[:b]),
+        "MLADecoder.run(None, kv_cache, None) (inputs already in q_buf / block_table: no slices, no checks)":
+            lambda: decoder.run(None, kcache, None),
         "flash_mla_with_kvcache (FlashMLASchedMeta reused)":
             lambda: cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, sched, causal=True),
-        "flash_mla_with_kvcache (old-style meta, num_splits)":
+        OLD_STYLE:
             lambda: cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, meta, splits,
                                                    causal=True),
-        "get_mla_metadata (device scheduler) + flash_mla_with_kvcache":
+        "get_mla_metadata (device scheduler; host scheduler on CPU) + flash_mla_with_kvcache":
             lambda: cutemla.flash_mla_with_kvcache(
                 q, kcache, block_table, seqlens, 512,
                 *cutemla.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv, h_q), causal=True),
         "cutemla.ops.mla_decode (eager, no dispatcher)":
             lambda: ops.mla_decode(q, kcache, block_table, seqlens, meta, splits, causal=True),
-        "MLADecoder.run (static buffers, prepared launches; plan() once)":
-            lambda: decoder.run(decoder.q_buf[:b], kcache, decoder.block_table[:b]),
         "kernels.run_dense_decode (launches only)":
-            lambda: kernels.run_dense_decode(q, kcache, block_table, seqlens, meta, splits, 576 ** -0.5, True),
+            lambda: kernels.run_dense_decode(q, kcache, block_table, seqlens, meta, splits, scale, True),
     }
+
+
+def measure(iters: int = 20000, loops: int = 5) -> dict:
+    """Microseconds per call (best of `loops` loops) of each entry point on the CPU, compiled kernels stubbed."""
+    with stub_compiled_kernels():
+        calls = make_calls(torch.device("cpu"))
+        results = {}
+        for name, fn in calls.items():
+            fn()
+            results[name] = _time_per_call(fn, iters, loops)
+    return results
+
+
+def measure_cuda(iters: int = 5000) -> dict:
+    """Microseconds of host time per real call on the current GPU (best of 5 loops, no sync in a loop)."""
+    calls = make_calls(torch.device("cuda"))
     results = {}
     for name, fn in calls.items():
         fn()
         torch.cuda.synchronize()
-
-        def looped(fn=fn):
-            fn()
-        results[name] = _time_per_call(looped, iters)
+        results[name] = _time_per_call(fn, iters)
         torch.cuda.synchronize()
     # GPU time of one call, to show the loop above was host-bound
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        calls["flash_mla_with_kvcache (old-style meta, num_splits)"]()
+        calls[OLD_STYLE]()
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -189,13 +183,14 @@ def profile_cuda(iters: int = 2000, top: int = 30) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20000)
+    parser.add_argument("--loops", type=int, default=5, help="timed loops per call on the CPU (best is kept)")
     parser.add_argument("--cuda", action="store_true", help="time the real calls on the GPU (sm90 host)")
     parser.add_argument("--profile", action="store_true", help="with --cuda: cProfile of the real call")
     args = parser.parse_args(argv)
     if args.cuda and args.profile:
         profile_cuda(min(args.iters, 2000))
         return
-    results = measure_cuda(min(args.iters, 5000)) if args.cuda else measure(args.iters)
+    results = measure_cuda(min(args.iters, 5000)) if args.cuda else measure(args.iters, args.loops)
     for name, us in results.items():
         print(f"{us:8.2f} us  {name}")
 

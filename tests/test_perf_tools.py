@@ -21,7 +21,7 @@ from cutemla.profile import (
 from cutemla.testing import DecodeCase, decode_bytes, decode_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # perf/ is not installed; works under bare `pytest`
-from perf import bench_flashmla, profile as perf_profile, sparse_fp8, sweep
+from perf import bench_flashmla, host_overhead, profile as perf_profile, sparse_fp8, sweep
 from perf.cases import FLASHMLA_CONFIGS, PRESETS, SweepCase, expand_presets, parse_case, parse_cases
 from perf.providers import BASELINE_CSV
 from perf.schema import BASELINE_FIELDS, COLUMNS, DTYPES, read_results, to_frame
@@ -440,3 +440,18 @@ def test_ab_scheduler_settings_parse_and_reject():
     assert parse_scheduler_settings(["sms=66", "o=3"]) == (66, 3)
     with pytest.raises(ValueError, match="sms=N or o=N"):
         parse_scheduler_settings(["parts=4"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host overhead (CPU mode: everything but the compiled kernels runs)
+
+
+def test_host_overhead_cpu_table(clean_api_state):
+    from cutemla import kernels
+
+    before = dict(kernels._compiled_launches)
+    results = host_overhead.measure(iters=20, loops=1)
+    names = list(results)
+    assert len(names) == 7 and all(us > 0 for us in results.values())
+    assert names[0].startswith("MLADecoder.run") and host_overhead.OLD_STYLE in names
+    assert kernels._compiled_launches == before  # the stubs do not outlive the measurement

@@ -5,11 +5,12 @@ the compiled object from the disk cache).
 """
 from __future__ import annotations
 
+import functools
 import math
-import os
 
 import torch
 
+from .._env import env_get
 from ..layouts.cache import fold_q
 from ..layouts.tiles import D_V, PAGE_SIZE
 
@@ -55,10 +56,10 @@ def _tma_ready(t: torch.Tensor, name: str, copy_ok: bool) -> torch.Tensor:
     Size-1 dims can carry any stride in torch; give them a harmless one so the compiled kernel's
     divisibility check passes. A misaligned q is copied (it is small); a misaligned cache is an error.
     """
+    if t.data_ptr() % 16 == 0 and _strides_fit(t.stride(), t.element_size()):
+        return t  # the common case: a cached verdict per stride tuple (the generator below costs ~1 us)
     elems = 16 // t.element_size()
     shape, strides = t.shape, t.stride()
-    if t.data_ptr() % 16 == 0 and all(s % elems == 0 for s in strides[:-1]):
-        return t  # the common case, checked once: every stride already fits
     if any(s % elems for s, n in zip(strides[:-1], shape[:-1]) if n > 1) or t.data_ptr() % 16:
         if not copy_ok:
             raise ValueError(f"{name} must have a 16-byte aligned base and 16-byte multiple strides "
@@ -69,6 +70,13 @@ def _tma_ready(t: torch.Tensor, name: str, copy_ok: bool) -> torch.Tensor:
     if any(n == 1 and s % elems for s, n in zip(strides[:-1], shape[:-1])):
         t = t.as_strided(shape, [s if n > 1 or s % elems == 0 else elems for s, n in zip(strides, shape)])
     return t
+
+
+@functools.lru_cache(maxsize=1024)
+def _strides_fit(strides: tuple, element_size: int) -> bool:
+    """Every stride but the last is a multiple of 16 bytes (then no dim, size-1 or not, needs a fix-up)."""
+    elems = 16 // element_size
+    return all(s % elems == 0 for s in strides[:-1])
 
 
 _DSL_DTYPES = {}
@@ -87,7 +95,7 @@ def _dsl_dtype(dtype: torch.dtype):
 def decode_variant(d: int, rows: int, schedule: str | None = None, batch: int | None = None) -> tuple[str, int]:
     """(schedule, L2 prefetch blocks) of the decode kernel for head dim d, `rows` folded query rows per KV
     head (s_q * h_q / h_kv) and `batch` requests. CUTEMLA_DECODE_SCHEDULE / CUTEMLA_L2_PREFETCH override."""
-    schedule = schedule or os.environ.get("CUTEMLA_DECODE_SCHEDULE", DEFAULT_SCHEDULE)
+    schedule = schedule or env_get("CUTEMLA_DECODE_SCHEDULE") or DEFAULT_SCHEDULE
     if schedule.startswith("seesaw") and d != 576:
         schedule = "pipelined"  # the seesaw keeps P tiles in the RoPE columns
     if schedule.startswith("seesaw"):
@@ -97,9 +105,11 @@ def decode_variant(d: int, rows: int, schedule: str | None = None, batch: int | 
         default_prefetch = int(rows > 64 and batch is not None and batch <= SEESAW_PREFETCH_MAX_BATCH)
     else:
         default_prefetch = 0 if rows <= 64 else DEFAULT_L2_PREFETCH
-    return schedule, int(os.environ.get("CUTEMLA_L2_PREFETCH", default_prefetch))
+    prefetch = env_get("CUTEMLA_L2_PREFETCH")
+    return schedule, default_prefetch if prefetch is None else int(prefetch)
 
 
+_LOG2_E = math.log2(math.e)
 _launch = None  # (get_decode_fn, combine_kernel_for), imported on first use
 
 
@@ -114,6 +124,24 @@ def _launch_functions():
     return _launch
 
 
+# (dtype, d, b, h_kv, rows, schedule, CUTEMLA_DECODE_SCHEDULE, CUTEMLA_L2_PREFETCH) -> (decode, combine).
+# get_decode_fn / combine_kernel_for cost several us a call (imports, key building, the compile cache's lock-free
+# lookup); the environment values are part of the key, so changing them between calls still switches variants.
+_compiled_launches: dict = {}
+
+
+def _compiled_pair(dtype, d: int, b: int, h_kv: int, rows: int, schedule):
+    key = (dtype, d, b, h_kv, rows, schedule, env_get("CUTEMLA_DECODE_SCHEDULE"), env_get("CUTEMLA_L2_PREFETCH"))
+    pair = _compiled_launches.get(key)
+    if pair is None:
+        if len(_compiled_launches) >= 4096:  # batch sizes are part of the key: bound it for long-running servers
+            _compiled_launches.clear()
+        get_decode_fn, combine_kernel_for = _launch_functions()
+        decode = get_decode_fn(_dsl_dtype(dtype), d, *decode_variant(d, rows, schedule, b))
+        pair = _compiled_launches[key] = (decode, combine_kernel_for(dtype, b, h_kv, rows))
+    return pair
+
+
 def dense_decode_launches(q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                           softmax_scale, causal, out, lse, o_accum, lse_accum, schedule=None):
     """The two launches of a decode into given buffers: ``(decode, decode_args, combine, combine_args)``.
@@ -123,22 +151,18 @@ def dense_decode_launches(q, kcache, block_table, cache_seqlens, tile_scheduler_
     o_accum fp32 ``[>= b + num_sm_parts, h_kv, s_q * h_q / h_kv, 512]`` and lse_accum fp32 ``[same, h_kv,
     rows]`` are the split workspace, contiguous (MLADecoder owns one; prepare_dense_decode allocates one).
     """
-    get_decode_fn, combine_kernel_for = _launch_functions()
     b, s_q, h_q, d = q.shape
     h_kv = kcache.shape[2]
     assert kcache.shape[1] == PAGE_SIZE
-    if s_q == 1:
-        causal = False
     g = h_q // h_kv
     rows = s_q * g
-    decode = get_decode_fn(_dsl_dtype(q.dtype), d, *decode_variant(d, rows, schedule, b))
+    decode, combine = _compiled_pair(q.dtype, d, b, h_kv, rows, schedule)
     q_rows = _tma_ready(q.reshape(b, rows, 1, d) if h_kv == 1 else fold_q(q, h_kv), "q", copy_ok=True)
     kcache = _tma_ready(kcache, "k_cache", copy_ok=False)
+    # The buffers are fresh or the decoder's own: contiguous, so no layout fix-ups (launch_combine's).
     decode_args = (q_rows, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                    out.view(b, s_q, h_kv, g, D_V), lse.view(b, h_kv, g, s_q), o_accum, lse_accum,
-                   float(softmax_scale) * math.log2(math.e), int(bool(causal)))
-    # The buffers are fresh or the decoder's own: contiguous, so no layout fix-ups (launch_combine's).
-    combine = combine_kernel_for(q.dtype, b, h_kv, rows)
+                   float(softmax_scale) * _LOG2_E, int(bool(causal) and s_q > 1))
     return decode, decode_args, combine, (o_accum, lse_accum, num_splits, out, lse)
 
 
@@ -163,11 +187,22 @@ def prepare_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_m
     return (*launches, out, lse)
 
 
+_one_device = None  # whether this process sees a single CUDA device (fixed once CUDA is initialised)
+
+
+def _only_device() -> bool:
+    global _one_device
+    if _one_device is None:
+        _one_device = torch.cuda.device_count() == 1
+    return _one_device
+
+
 def launch(decode, decode_args, combine, combine_args, device_index=None) -> None:
     """Run the launches of `dense_decode_launches` on the current stream of `device_index`'s device."""
     # TVM-FFI launches on the current device's current stream: switch devices only when the tensors are
-    # elsewhere (the guard costs ~6 us of host time).
-    if device_index is None or device_index == torch.cuda.current_device():
+    # elsewhere (the guard costs ~6 us of host time). With one visible device they cannot be elsewhere,
+    # and the current_device() query (~1 us on the H100 host) is skipped too.
+    if device_index is None or _only_device() or device_index == torch.cuda.current_device():
         decode(*decode_args)
         if combine is not None:
             combine(*combine_args)

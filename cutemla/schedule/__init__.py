@@ -7,6 +7,8 @@ other schedules: the decode kernel only consumes the metadata.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .policy import (
@@ -41,19 +43,42 @@ def _check_positive_int(value, name: str) -> int:
     return value
 
 
-def _device_num_sms(device: torch.device) -> int:
+@functools.lru_cache(maxsize=None)
+def _device_num_sms(device: torch.device) -> int:  # cached: get_device_properties costs microseconds a call
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return DEFAULT_NUM_SMS
 
 
+@functools.lru_cache(maxsize=None)
+def _device_plan_fn(block_size_n: int, fixed_overhead_num_blocks: int):
+    """The compiled device scheduler, looked up once per policy constants (the import and the compile cache's
+    key building cost a few us a call)."""
+    from .device import get_sched_meta_fn  # imports cutlass: only when needed
+
+    return get_sched_meta_fn(block_size_n, fixed_overhead_num_blocks)
+
+
 def num_sm_parts(num_sms: int, s_q: int, h_q: int, h_kv: int, policy: SchedulePolicy | None = None) -> int:
     """Number of partitions (decode grid z extent) for this problem under ``policy`` (default FlashMLA's)."""
+    if policy is None or policy is FLASHMLA_POLICY:
+        return _default_num_sm_parts(num_sms, s_q, h_q, h_kv)
+    return _num_sm_parts(num_sms, s_q, h_q, h_kv, policy)
+
+
+@functools.lru_cache(maxsize=1024, typed=True)
+def _default_num_sm_parts(num_sms, s_q, h_q, h_kv) -> int:
+    # Cached for the stock policy: a bad argument raises, and exceptions are not cached. typed=True because
+    # True == 1 with the same hash, and a bool must still be rejected.
+    return _num_sm_parts(num_sms, s_q, h_q, h_kv, FLASHMLA_POLICY)
+
+
+def _num_sm_parts(num_sms, s_q, h_q, h_kv, policy) -> int:
     for value, name in ((num_sms, "num_sms"), (s_q, "s_q"), (h_q, "h_q"), (h_kv, "h_kv")):
         _check_positive_int(value, name)
     if h_q % h_kv != 0:
         raise ValueError(f"h_q ({h_q}) must be a multiple of h_kv ({h_kv})")
-    parts = (policy or FLASHMLA_POLICY).num_sm_parts(num_sms, s_q, h_q, h_kv)
+    parts = policy.num_sm_parts(num_sms, s_q, h_q, h_kv)
     return _check_positive_int(int(parts), "policy.num_sm_parts(...)")
 
 
@@ -97,15 +122,15 @@ def get_decoding_sched_meta(
     batch = cache_seqlens.shape[0]
 
     if device.type == "cuda" and policy.uses_flashmla_plan:
-        from .device import get_sched_meta_fn  # imports cutlass: only when needed
+        from cutemla.kernels import _only_device
 
         seqlens = cache_seqlens.contiguous()
         meta = torch.empty((parts, META_WORDS), dtype=torch.int32, device=device)
         num_splits = torch.empty((batch + 1,), dtype=torch.int32, device=device)
-        fn = get_sched_meta_fn(policy.block_size_n, policy.fixed_overhead_num_blocks)
+        fn = _device_plan_fn(policy.block_size_n, policy.fixed_overhead_num_blocks)
         # TVM-FFI launches on the current stream of the tensors' device; make that device current too so the
         # launch uses its context (skipped in the common case: it costs a few microseconds).
-        if device.index is not None and device.index != torch.cuda.current_device():
+        if device.index is not None and not _only_device() and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
                 fn(seqlens, meta, num_splits)
         else:
