@@ -5,10 +5,13 @@
 A variant is schedule:l2_prefetch_blocks, or schedule:auto for the launcher's own choice, optionally
 followed by scheduler settings: ``:sms=N`` (plan for N SMs instead of the device's count, so
 N // 2 parts at h_q 128) and ``:o=N`` (SchedulePolicy.fixed_overhead_num_blocks), e.g.
-``seesaw:auto:sms=66`` to see how a case scales with the number of CTAs. Inputs are drawn on the GPU once per case (fast even for
-long contexts) and every variant is timed on them, interleaved, as one whole call (decode + combine,
-metadata reused, like the FlashMLA baseline) replayed in a CUDA graph; `us` is the best mean of
-`trials` rounds of `replays` replays (cutemla.profile.time_cuda_graph).
+``seesaw:auto:sms=66`` to see how a case scales with the number of CTAs.
+
+Inputs are drawn on the GPU once per case (fast even for long contexts) and every variant is captured as
+one whole call (decode + combine, metadata reused, like the FlashMLA baseline) in a CUDA graph. The graphs
+then take turns, trial by trial in a rotating order, so clock and temperature drift reach every variant
+alike (run one after the other, two identical variants differed by up to 10% at h_q 128); `us` is the
+best mean of `trials` rounds of `replays` replays.
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import sys
 import pandas as pd
 import torch
 
-from cutemla.profile import time_cuda_graph
 from cutemla.testing import DecodeCase, decode_bytes, decode_flops, make_decode_inputs
 
 # (b, s_q, s_k, h_q, varlen): the cases of the performance issue plus a few neighbours.
@@ -28,6 +30,40 @@ FOCUS_CASES = [
     (128, 2, 8192, 128, True), (1, 1, 65536, 128, False), (1, 1, 65536, 16, False),
     (4, 1, 32768, 128, False), (32, 1, 2048, 16, False), (32, 1, 2048, 128, False),
 ]
+
+
+def capture_graph(call):
+    """One CUDA graph of `call` (run once on a side stream first, as torch's graph docs require)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    graph.replay()  # the first replay uploads the graph; keep it out of the samples
+    torch.cuda.synchronize()
+    return graph
+
+
+def time_interleaved(graphs: dict, trials: int, replays: int) -> dict:
+    """Best mean us per replay of each graph, the graphs taking turns trial by trial (in a rotating
+    order) so that clock and temperature drift over the run reaches every variant alike."""
+    names = list(graphs)
+    best = {name: float("inf") for name in names}
+    for trial in range(trials):
+        for k in range(len(names)):
+            name = names[(trial + k) % len(names)]
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graphs[name].replay()
+            end.record()
+            end.synchronize()
+            best[name] = min(best[name], start.elapsed_time(end) * 1e3 / replays)
+    return best
 
 
 def run(variants, cases=FOCUS_CASES, replays=30, trials=5):
@@ -42,6 +78,7 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5):
         mean_sk = data.mean_seqlen
         flops = decode_flops(b, s_q, h_q, 1, mean_sk)
         nbytes = decode_bytes(b, s_q, h_q, 1, mean_sk)
+        graphs = {}
         for variant in variants:
             schedule, prefetch, *settings = variant.split(":")
             sched = parse_scheduler_settings(settings)
@@ -54,18 +91,20 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5):
             if prefetch == "auto":
                 os.environ.pop("CUTEMLA_L2_PREFETCH", None)
             else:
-                os.environ["CUTEMLA_L2_PREFETCH"] = prefetch  # read by run_dense_decode per call
+                os.environ["CUTEMLA_L2_PREFETCH"] = prefetch  # read when the call is captured
 
             def call(meta=meta, num_splits=num_splits, schedule=schedule):
                 return run_dense_decode(data.q, data.kcache, data.block_table, data.cache_seqlens,
                                         meta, num_splits, 576 ** -0.5, False, schedule)
 
-            us = time_cuda_graph([call], trials=trials, replays=replays).min_us
+            graphs[variant] = capture_graph(call)
+        os.environ.pop("CUTEMLA_L2_PREFETCH", None)
+        for variant, us in time_interleaved(graphs, trials, replays).items():
             rows.append(dict(case=f"{b}x{s_q}x{s_k}:h{h_q}" + (",varlen" if varlen else ""),
                              variant=variant, us=round(us, 2), tflops=round(flops / us / 1e6, 1),
                              gbps=round(nbytes / us / 1e3)))
             print(rows[-1], file=sys.stderr, flush=True)
-        data = meta = num_splits = plans = None  # free the inputs before the next case
+        data = meta = num_splits = plans = graphs = None  # free the inputs before the next case
         torch.cuda.empty_cache()
     return pd.DataFrame(rows)
 

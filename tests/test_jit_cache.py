@@ -65,16 +65,16 @@ def test_fingerprint_tracks_sources(tmp_path, monkeypatch):
     assert len({before, one, two}) == 3
 
 
-def test_decode_variant_prefetches_only_small_batches_with_several_m_tiles(monkeypatch):
-    from cutemla.kernels import SEESAW_PREFETCH_MAX_BATCH, decode_variant
+
+def test_decode_variant_defaults_and_overrides(monkeypatch):
+    from cutemla.kernels import DEFAULT_L2_PREFETCH, decode_variant
 
     monkeypatch.delenv("CUTEMLA_DECODE_SCHEDULE", raising=False)
     monkeypatch.delenv("CUTEMLA_L2_PREFETCH", raising=False)
-    assert decode_variant(576, 128, None, 1) == ("seesaw", 1)
-    assert decode_variant(576, 128, None, SEESAW_PREFETCH_MAX_BATCH) == ("seesaw", 1)
-    assert decode_variant(576, 128, None, SEESAW_PREFETCH_MAX_BATCH + 1) == ("seesaw", 0)
-    assert decode_variant(576, 64, None, 1) == ("seesaw", 0)  # one M tile: prefetch measured slower
-    assert decode_variant(576, 128) == ("seesaw", 0)  # batch unknown
-    assert decode_variant(512, 128, None, 1)[0] == "pipelined"  # the seesaw needs d = 576
+    assert decode_variant(576, 128) == ("seesaw", 0)  # no L2 prefetch at any batch (measured slower)
+    assert decode_variant(512, 128) == ("pipelined", DEFAULT_L2_PREFETCH)  # the seesaw needs d = 576
+    assert decode_variant(512, 64) == ("pipelined", 0)
     monkeypatch.setenv("CUTEMLA_L2_PREFETCH", "2")
-    assert decode_variant(576, 128, None, 128) == ("seesaw", 2)
+    assert decode_variant(576, 128) == ("seesaw", 2)
+    monkeypatch.setenv("CUTEMLA_DECODE_SCHEDULE", "split_s")
+    assert decode_variant(576, 64) == ("split_s", 2)

@@ -19,7 +19,6 @@ _TORCH_TO_DSL = {torch.bfloat16: "BFloat16", torch.float16: "Float16"}
 # "seesaw" (kernels/seesaw.py, d = 576 only).
 # CUTEMLA_DECODE_SCHEDULE overrides it for experiments.
 DEFAULT_SCHEDULE = "seesaw"
-SEESAW_PREFETCH_MAX_BATCH = 32  # the seesaw prefetches into L2 at h_q * s_q > 64 up to this batch
 # Blocks ahead of its TMA loads that the producer warms L2 with (CUTEMLA_L2_PREFETCH overrides),
 # used only when a KV head has more than one 64-row M tile (h_q * s_q / h_kv > 64): there the CTAs
 # of the other M tiles read the same pages, and the H100 A/B (perf/results/2026-11-25-h100-ab.csv)
@@ -92,19 +91,15 @@ def _dsl_dtype(dtype: torch.dtype):
     return found
 
 
-def decode_variant(d: int, rows: int, schedule: str | None = None, batch: int | None = None) -> tuple[str, int]:
-    """(schedule, L2 prefetch blocks) of the decode kernel for head dim d, `rows` folded query rows per KV
-    head (s_q * h_q / h_kv) and `batch` requests. CUTEMLA_DECODE_SCHEDULE / CUTEMLA_L2_PREFETCH override."""
+def decode_variant(d: int, rows: int, schedule: str | None = None) -> tuple[str, int]:
+    """(schedule, L2 prefetch blocks) of the decode kernel for head dim d and `rows` folded query
+    rows per KV head (s_q * h_q / h_kv). CUTEMLA_DECODE_SCHEDULE / CUTEMLA_L2_PREFETCH override."""
     schedule = schedule or env_get("CUTEMLA_DECODE_SCHEDULE") or DEFAULT_SCHEDULE
     if schedule.startswith("seesaw") and d != 576:
         schedule = "pipelined"  # the seesaw keeps P tiles in the RoPE columns
-    if schedule.startswith("seesaw"):
-        # L2 prefetch one pair ahead pays only where several M tiles share each page and the batch is
-        # small (perf/results/2026-11-25-h100-ab-seesaw.csv, h128: 70.6 -> 67.5 us at 1x64k, 99.9 -> 96.0
-        # at 4x32k, 70.6 -> 68.9 at 32x2k; but 1155 -> 1189 at 128x16k, and slower at every h16 case).
-        default_prefetch = int(rows > 64 and batch is not None and batch <= SEESAW_PREFETCH_MAX_BATCH)
-    else:
-        default_prefetch = 0 if rows <= 64 else DEFAULT_L2_PREFETCH
+    # The seesaw (with its EVICT_FIRST K loads) is fastest without L2 prefetch at every batch size
+    # (perf/results/2026-11-25-h100-ab-final.csv: at h128, 54.7 vs 60.5 us at 32x2k, 79.9 vs 93.7 at 4x32k).
+    default_prefetch = 0 if schedule.startswith("seesaw") or rows <= 64 else DEFAULT_L2_PREFETCH
     prefetch = env_get("CUTEMLA_L2_PREFETCH")
     return schedule, default_prefetch if prefetch is None else int(prefetch)
 
@@ -137,7 +132,7 @@ def _compiled_pair(dtype, d: int, b: int, h_kv: int, rows: int, schedule):
         if len(_compiled_launches) >= 4096:  # batch sizes are part of the key: bound it for long-running servers
             _compiled_launches.clear()
         get_decode_fn, combine_kernel_for = _launch_functions()
-        decode = get_decode_fn(_dsl_dtype(dtype), d, *decode_variant(d, rows, schedule, b))
+        decode = get_decode_fn(_dsl_dtype(dtype), d, *decode_variant(d, rows, schedule))
         pair = _compiled_launches[key] = (decode, combine_kernel_for(dtype, b, h_kv, rows))
     return pair
 

@@ -120,15 +120,16 @@ class MlaDecodeSeesaw(MlaDecode):
     """Split-KV MLA decode, seesaw schedule. Same call signature and outputs as MlaDecode."""
 
     def __init__(self, dtype, d_qk: int = D_QK, l2_prefetch_blocks: int = 0,
-                 regs: tuple = (56, 224), handoff: str = "mbarrier", evict_first_kv: bool = False):
+                 regs: tuple = (56, 224), handoff: str = "mbarrier", evict_first_kv: bool = True):
         assert d_qk == D_QK, "the seesaw schedule keeps P tiles in the RoPE sub-tile: d must be 576"
         self.dtype = dtype
         self.d_qk = d_qk
         self.kv_stages = 2
         self.num_subtiles = NUM_SUBTILES
         self.l2_prefetch_blocks = l2_prefetch_blocks
-        # K/V TMA loads with the L2 EVICT_FIRST policy, as FlashMLA does (schedule "seesaw_evict_first",
-        # an experiment: at h_q 128 the other M tile's CTA rereads each page from L2).
+        # K/V TMA loads with the L2 EVICT_FIRST policy, as FlashMLA does: 5-10% faster at small batches
+        # and 1% at 128x16k h16, no change at large h128 (perf/results/2026-11-25-h100-ab-evict-first.csv);
+        # schedule "seesaw_no_evict_first" turns it off.
         self.evict_first_kv = evict_first_kv
         # Consumer-to-consumer hand-offs: smem mbarriers ("mbarrier", the default) or named
         # barriers ("named", schedule "seesaw_named"); see the module docstring.
@@ -651,7 +652,7 @@ class MlaDecodeSeesaw(MlaDecode):
 
 def compile_decode_seesaw(dtype, d_qk: int = D_QK, options: str | None = None,
                           l2_prefetch_blocks: int = 0, regs: tuple = (56, 224), handoff: str = "mbarrier",
-                          evict_first_kv: bool = False):
+                          evict_first_kv: bool = True):
     """Compile (uncached) the seesaw decode. Use `get_decode_fn(..., schedule="seesaw")`."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
@@ -665,7 +666,7 @@ def compile_decode_seesaw(dtype, d_qk: int = D_QK, options: str | None = None,
 SCHEDULE_OPTIONS = {
     "seesaw": {},
     "seesaw_named": {"handoff": "named"},
-    "seesaw_evict_first": {"evict_first_kv": True},
+    "seesaw_no_evict_first": {"evict_first_kv": False},
 }
 
 
@@ -680,6 +681,6 @@ def compile_configs():
     configs.update({
         f"{name}_d576_{schedule}": partial(compile_decode_seesaw, dt, D_QK, **SCHEDULE_OPTIONS[schedule])
         for name, dt in (("bf16", cutlass.BFloat16), ("fp16", cutlass.Float16))
-        for schedule in ("seesaw_named", "seesaw_evict_first")
+        for schedule in ("seesaw_named", "seesaw_no_evict_first")
     })
     return configs

@@ -46,10 +46,9 @@ def warmup(dtypes=("bf16", "fp16"), head_dims=(576, 512), schedules=(DEFAULT_SCH
         found = set()
         for schedule in schedules:
             for rows in (64, 128):
-                for batch in (1, 128):  # small batches may pick L2 prefetch (decode_variant)
-                    chosen, prefetch = decode_variant(d, rows, schedule, batch)
-                    for p in (l2_prefetch if l2_prefetch is not None else (prefetch,)):
-                        found.add((chosen, p))
+                chosen, prefetch = decode_variant(d, rows, schedule)
+                for p in (l2_prefetch if l2_prefetch is not None else (prefetch,)):
+                    found.add((chosen, p))
         return sorted(found)
 
     for name in dtypes:
