@@ -45,9 +45,9 @@ class MLADecoder:
       workspace the decoder owns (fp32, ``(max_batch + num_sm_parts) * h_kv * s_q * h_q / h_kv * 513`` words,
       allocated at the first ``run``). The prepared launch arguments are kept per KV-cache tensor (by address,
       shape, strides and dtype: a cache seen before is not checked again, any other is), so a repeated ``run``
-      makes no torch calls besides the input copies: two kernel launches and the checks of q and block_table. Consequences: one decoder serves one stream at a time (the workspace is
-      shared), and the decode variant (``CUTEMLA_DECODE_SCHEDULE``, ``CUTEMLA_L2_PREFETCH``) is fixed at a
-      cache's first ``run``.
+      makes no torch calls besides the input copies: two kernel launches and the checks of q and block_table.
+      Consequences: one decoder serves one stream at a time (the workspace is shared), and the decode variant
+      (``CUTEMLA_DECODE_SCHEDULE``, ``CUTEMLA_L2_PREFETCH``) is fixed at a cache's first ``run``.
     * **CUDA graphs.** Capture ``plan`` and the ``run`` of every layer in one graph (compile kernels before
       capture: one eager step, or ``python -m cutemla.kernels.warmup``). Between replays an engine may change,
       in place: the *values* of the seqlens tensor passed to ``plan`` (or of ``decoder.cache_seqlens`` when
