@@ -103,13 +103,12 @@ STAGE_HALVES = (
 )
 # Named barriers (id 0 is __syncthreads): between the consumers (256 threads; handoff="named"
 # only), and per consumer.
-BARRIER_SCALE0 = 1    # consumer 0 published m0 and exp2(m_old - m0)
-BARRIER_SCALE1 = 2    # consumer 1 published m1 and exp2(m0 - m1)
-BARRIER_P0_READY = 3  # rescaled P0 in smem
-BARRIER_P1_READY = 4  # P1 in smem
-BARRIER_ROW_SUM = 5   # row sums at the end of a request
+# Hand-off i (HANDOFF_*) is named barrier NAMED_HANDOFF_BASE + i with handoff="named".
+NAMED_HANDOFF_BASE = 1
 BARRIER_WG = 6        # 6 + wg: one consumer's zeroed V tail is visible to its WGMMAs
-# The words of SharedStorage.mbar_handoff (see the protocol at the top).
+# The consumer-to-consumer hand-offs (see the protocol at the top), also the words of
+# SharedStorage.mbar_handoff: m0 and its factor published (SCALE0), m1 and exp2(m0 - m1) (SCALE1),
+# rescaled P0 in smem (P0_READY), P1 in smem (P1_READY), row sums at the end of a request (ROW_SUM).
 HANDOFF_SCALE0, HANDOFF_SCALE1, HANDOFF_P0_READY, HANDOFF_P1_READY, HANDOFF_ROW_SUM = range(5)
 NUM_HANDOFF = 5
 LN2 = math.log(2.0)
@@ -142,32 +141,20 @@ class MlaDecodeSeesaw(MlaDecode):
         assert 128 * regs[0] + 256 * regs[1] <= 168 * NUM_THREADS
 
     def make_shared_storage(self, sQ_layout, sK_layout):
-        """The kernel's shared-memory struct (plain Python: the struct differs by variant)."""
-        if not self.mbarrier_handoff:
-            @cute.struct
-            class SharedStorage:
-                mbar_full: cute.struct.MemRange[cutlass.Int64, 2 * NUM_SUBTILES]
-                mbar_empty: cute.struct.MemRange[cutlass.Int64, 4]
-                mbar_q: cute.struct.MemRange[cutlass.Int64, 2]  # full, empty
-                sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
-                sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
-                sRowMax: cute.struct.MemRange[Float32, BLOCK_M]
-                sScale: cute.struct.MemRange[Float32, BLOCK_M * 2]
-                sRowSum: cute.struct.MemRange[Float32, BLOCK_M * 4]
-        else:
-            @cute.struct
-            class SharedStorage:
-                mbar_full: cute.struct.MemRange[cutlass.Int64, 2 * NUM_SUBTILES]
-                mbar_empty: cute.struct.MemRange[cutlass.Int64, 4]
-                mbar_q: cute.struct.MemRange[cutlass.Int64, 2]  # full, empty
-                # SCALE0, SCALE1, P0_READY, P1_READY, ROW_SUM (40 bytes, inside the 1 KiB that
-                # the barriers already take before sQ's alignment)
-                mbar_handoff: cute.struct.MemRange[cutlass.Int64, NUM_HANDOFF]
-                sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
-                sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
-                sRowMax: cute.struct.MemRange[Float32, BLOCK_M]
-                sScale: cute.struct.MemRange[Float32, BLOCK_M * 2]
-                sRowSum: cute.struct.MemRange[Float32, BLOCK_M * 4]
+        """The kernel's shared-memory struct (plain Python: it depends on the dtype and layouts)."""
+        @cute.struct
+        class SharedStorage:
+            mbar_full: cute.struct.MemRange[cutlass.Int64, 2 * NUM_SUBTILES]
+            mbar_empty: cute.struct.MemRange[cutlass.Int64, 4]
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]  # full, empty
+            # SCALE0, SCALE1, P0_READY, P1_READY, ROW_SUM (unused with handoff="named"; the 40 bytes sit
+            # inside the 1 KiB the barriers already take before sQ's alignment)
+            mbar_handoff: cute.struct.MemRange[cutlass.Int64, NUM_HANDOFF]
+            sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
+            sRowMax: cute.struct.MemRange[Float32, BLOCK_M]
+            sScale: cute.struct.MemRange[Float32, BLOCK_M * 2]
+            sRowSum: cute.struct.MemRange[Float32, BLOCK_M * 4]
 
         return SharedStorage
 
@@ -224,9 +211,7 @@ class MlaDecodeSeesaw(MlaDecode):
         full = storage.mbar_full.data_ptr()
         empty = storage.mbar_empty.data_ptr()
         q_bar = storage.mbar_q.data_ptr()
-        handoff = None
-        if const_expr(self.mbarrier_handoff):
-            handoff = storage.mbar_handoff.data_ptr()
+        handoff = storage.mbar_handoff.data_ptr()
         if tidx == 0:
             for i in cutlass.range_constexpr(2 * NUM_SUBTILES):
                 cute.arch.mbarrier_init(full + i, 1)  # the producer's arrive + TMA bytes
@@ -278,6 +263,8 @@ class MlaDecodeSeesaw(MlaDecode):
         request, half by half as the consumers free them; warp 0 also loads each request's Q."""
         full, empty, q_bar, _ = barriers
         tKsK, tKgK = self.k_tma_partition(tma_atom_K, mK, sK, kv_head)
+        # FlashMLA's L2 policy for the streamed K/V pages (evict_first_kv).
+        kv_hint = {"cache_policy": cutlass.Int64(L2_EVICT_FIRST)} if const_expr(self.evict_first_kv) else {}
         rows = mQ.shape[0]
         fills = Int32(0)  # tiles this stage has received so far
         q_fills = Int32(0)
@@ -301,13 +288,8 @@ class MlaDecodeSeesaw(MlaDecode):
                         bar = full + stage * NUM_SUBTILES + subtiles[t]
                         with cute.arch.elect_one():
                             cute.arch.mbarrier_arrive_and_expect_tx(bar, self.subtile_bytes)
-                        if const_expr(self.evict_first_kv):
-                            cute.copy(tma_atom_K, tKgK[None, subtiles[t], page],
-                                      tKsK[None, subtiles[t], stage], tma_bar_ptr=bar,
-                                      cache_policy=cutlass.Int64(L2_EVICT_FIRST))
-                        else:
-                            cute.copy(tma_atom_K, tKgK[None, subtiles[t], page],
-                                      tKsK[None, subtiles[t], stage], tma_bar_ptr=bar)
+                        cute.copy(tma_atom_K, tKgK[None, subtiles[t], page],
+                                  tKsK[None, subtiles[t], stage], tma_bar_ptr=bar, **kv_hint)
                 fills += 1
                 if const_expr(self.l2_prefetch_blocks > 0):
                     # This warp's next tile is 2 ahead; warm L2 for the one after it.
@@ -380,13 +362,9 @@ class MlaDecodeSeesaw(MlaDecode):
                 cute.arch.mbarrier_arrive(q_bar + 1)  # this warp is done with sQ
 
             # Each warpgroup summed the P of the tiles it scored, both at the final row max.
-            if const_expr(self.mbarrier_handoff):
-                row_total = self.exchange_row_sums_mbar(row_sum, sRowSum, tile_row, wg, quad_leader,
-                                                        req % 2, handoff + HANDOFF_ROW_SUM,
-                                                        (q_fills - 1) % 2)
-            else:
-                row_total = sm.exchange_row_sums(row_sum, sRowSum, tile_row, wg, quad_leader,
-                                                 req % 2, BARRIER_ROW_SUM)
+            row_total = sm.publish_row_sums(row_sum, sRowSum, tile_row, wg, quad_leader, req % 2)
+            self.handoff_meet(handoff, HANDOFF_ROW_SUM, (q_fills - 1) % 2)
+            row_total = sm.add_peer_row_sums(row_total, sRowSum, tile_row, wg, req % 2)
             self.epilogue(acc_O, row_max, row_total, tidx, wg, req, kv_head, row0, rows,
                           mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum)
 
@@ -421,10 +399,7 @@ class MlaDecodeSeesaw(MlaDecode):
                 for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                     sRowMax[tile_row + 8 * r] = row_max[r]
                     sScale[tile_row + 8 * r, 0] = factors[r]
-            if const_expr(self.mbarrier_handoff):
-                self.handoff_arrive(handoff + HANDOFF_SCALE0)
-            else:
-                barriers.arrive(BARRIER_SCALE0, 256)
+            self.handoff_signal(handoff, HANDOFF_SCALE0)
             rescale[0] = factors[0]
             rescale[1] = factors[1]
             sm.rescale_rows(acc_O, rescale)
@@ -436,10 +411,7 @@ class MlaDecodeSeesaw(MlaDecode):
             warpgroup.wait_group(0)
             self.release(empty, 0, lane)
             # 3. rescale P0 to consumer 1's max m1 and hand it over.
-            if const_expr(self.mbarrier_handoff):
-                cute.arch.mbarrier_wait(handoff + HANDOFF_SCALE1, fills0 % 2)
-            else:
-                barriers.sync(BARRIER_SCALE1, 256)
+            self.handoff_wait(handoff, HANDOFF_SCALE1, fills0 % 2)
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 rescale[r] = sScale[tile_row + 8 * r, 1]
                 row_max[r] = sRowMax[tile_row + 8 * r]
@@ -448,18 +420,12 @@ class MlaDecodeSeesaw(MlaDecode):
             rP.store(acc_S.load().to(self.dtype))
             cute.autovec_copy(rP, tPsP[None, None, None, 0])
             cute.arch.fence_view_async_shared()
-            if const_expr(self.mbarrier_handoff):
-                self.handoff_arrive(handoff + HANDOFF_P0_READY)
-            else:
-                barriers.arrive(BARRIER_P0_READY, 256)
+            self.handoff_signal(handoff, HANDOFF_P0_READY)
             sm.rescale_rows(acc_O, rescale)
             # 4. O_L += P1 V1_L (P1 from smem), overlapped with the next S0 = Q K^T.
             if has1:
                 # P1 is in smem and consumer 1's QK^T no longer reads K1 (so V1_L may be zeroed).
-                if const_expr(self.mbarrier_handoff):
-                    cute.arch.mbarrier_wait(handoff + HANDOFF_P1_READY, fills1 % 2)
-                else:
-                    barriers.sync(BARRIER_P1_READY, 256)
+                self.handoff_wait(handoff, HANDOFF_P1_READY, fills1 % 2)
                 self.wait_stage(full, 1, fills1 % 2, (0, 1, 2, 3))
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 0, tidx, 1)
@@ -502,10 +468,7 @@ class MlaDecodeSeesaw(MlaDecode):
             has1 = n1 < end
             has_next = n1 + 2 < end
             # 1. softmax of S1 from consumer 0's max m0; publish m1 and exp2(m0 - m1).
-            if const_expr(self.mbarrier_handoff):
-                cute.arch.mbarrier_wait(handoff + HANDOFF_SCALE0, fills0 % 2)
-            else:
-                barriers.sync(BARRIER_SCALE0, 256)
+            self.handoff_wait(handoff, HANDOFF_SCALE0, fills0 % 2)
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 row_max[r] = sRowMax[tile_row + 8 * r]
                 row_sum[r] = row_sum[r] * sScale[tile_row + 8 * r, 0]
@@ -526,28 +489,19 @@ class MlaDecodeSeesaw(MlaDecode):
             # factor (fewer live registers) before SCALE1 lets consumer 0 overwrite it.
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 rescale[r] = rescale[r] * sScale[tile_row + 8 * r, 0]
-            if const_expr(self.mbarrier_handoff):
-                self.handoff_arrive(handoff + HANDOFF_SCALE1)
-            else:
-                barriers.arrive(BARRIER_SCALE1, 256)
+            self.handoff_signal(handoff, HANDOFF_SCALE1)
             sm.rescale_rows(acc_O, rescale)
             # 2. P1 to smem for consumer 0; O_R += P1 V1_R from registers.
             if has1:
                 rP.store(acc_S.load().to(self.dtype))
                 cute.autovec_copy(rP, tPsP[None, None, None, 1])
                 cute.arch.fence_view_async_shared()
-                if const_expr(self.mbarrier_handoff):
-                    self.handoff_arrive(handoff + HANDOFF_P1_READY)
-                else:
-                    barriers.arrive(BARRIER_P1_READY, 256)
+                self.handoff_signal(handoff, HANDOFF_P1_READY)
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 1, tidx, 1)
                 sm.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 1)
             # 3. O_R += P0 V0_R with consumer 0's rescaled P0 from smem.
-            if const_expr(self.mbarrier_handoff):
-                cute.arch.mbarrier_wait(handoff + HANDOFF_P0_READY, fills0 % 2)
-            else:
-                barriers.sync(BARRIER_P0_READY, 256)
+            self.handoff_wait(handoff, HANDOFF_P0_READY, fills0 % 2)
             self.wait_stage(full, 0, fills0 % 2, (4, 5, 6, 7))
             if n0 * BLOCK_N + BLOCK_N > seqlen:
                 self.zero_v_tail_synced(sK, seqlen - n0 * BLOCK_N, 1, tidx, 0)
@@ -572,28 +526,32 @@ class MlaDecodeSeesaw(MlaDecode):
         return 2 * 128 if index == HANDOFF_ROW_SUM else 128
 
     @cute.jit
-    def handoff_arrive(self, bar):
-        """Arrive at a hand-off mbarrier, once per thread: each thread's arrive releases its own
-        earlier shared-memory accesses (one arrive per warp after a __syncwarp relies on the
-        warp barrier's cumulativity, which racecheck does not follow)."""
-        cute.arch.mbarrier_arrive(bar)
+    def handoff_signal(self, handoff, index: cutlass.Constexpr[int]):
+        """This thread's side of hand-off `index` is done. mbarrier: one arrive per thread, which
+        releases the thread's own earlier shared-memory accesses (one arrive per warp after a
+        __syncwarp relies on the warp barrier's cumulativity, which racecheck does not follow);
+        named: bar.arrive, the waiter syncs."""
+        if const_expr(self.mbarrier_handoff):
+            cute.arch.mbarrier_arrive(handoff + index)
+        else:
+            barriers.arrive(NAMED_HANDOFF_BASE + index, 256)
 
     @cute.jit
-    def exchange_row_sums_mbar(self, row_sum, sRowSum, tile_row, wg: cutlass.Constexpr[int],
-                               quad_leader, buf, bar, parity):
-        """softmax.exchange_row_sums with the ROW_SUM mbarrier (both consumers arrive, then wait
-        for the phase of `parity`) in place of the named barrier."""
-        row_total = cute.make_rmem_tensor(sm.ROWS_PER_THREAD, Float32)
-        for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
-            row_total[r] = sm.quad_allreduce_sum(row_sum[r])
-        if quad_leader:
-            sRowSum[tile_row, wg, buf] = row_total[0]
-            sRowSum[tile_row + 8, wg, buf] = row_total[1]
-        self.handoff_arrive(bar)
-        cute.arch.mbarrier_wait(bar, parity)
-        row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
-        row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
-        return row_total
+    def handoff_wait(self, handoff, index: cutlass.Constexpr[int], parity):
+        """Wait for the other consumer's side of hand-off `index` (the phase of `parity`)."""
+        if const_expr(self.mbarrier_handoff):
+            cute.arch.mbarrier_wait(handoff + index, parity)
+        else:
+            barriers.sync(NAMED_HANDOFF_BASE + index, 256)
+
+    @cute.jit
+    def handoff_meet(self, handoff, index: cutlass.Constexpr[int], parity):
+        """Both consumers signal and wait (ROW_SUM)."""
+        if const_expr(self.mbarrier_handoff):
+            cute.arch.mbarrier_arrive(handoff + index)
+            cute.arch.mbarrier_wait(handoff + index, parity)
+        else:
+            barriers.sync(NAMED_HANDOFF_BASE + index, 256)
 
     @cute.jit
     def release(self, empty, index: cutlass.Constexpr[int], lane):

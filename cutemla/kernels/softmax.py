@@ -125,13 +125,27 @@ def exchange_row_sums(row_sum: cute.Tensor, sRowSum: cute.Tensor, tile_row, wg, 
     warpgroup's partials, publish them in sRowSum[:, wg, buf] (64 x 2 x 2) and add the other's after a
     256-thread named barrier. buf double-buffers by request parity: the other warpgroup may still be
     reading the previous request's sums."""
+    row_total = publish_row_sums(row_sum, sRowSum, tile_row, wg, quad_leader, buf)
+    barriers.sync(barrier_id, 256)  # unaligned: the seesaw's warpgroups reach it from their own code
+    return add_peer_row_sums(row_total, sRowSum, tile_row, wg, buf)
+
+
+@cute.jit
+def publish_row_sums(row_sum: cute.Tensor, sRowSum: cute.Tensor, tile_row, wg, quad_leader, buf) -> cute.Tensor:
+    """The first half of exchange_row_sums (up to its barrier): this warpgroup's quad-reduced row sums,
+    also written to sRowSum[:, wg, buf]."""
     row_total = cute.make_rmem_tensor(ROWS_PER_THREAD, Float32)
     for r in cutlass.range_constexpr(ROWS_PER_THREAD):
         row_total[r] = quad_allreduce_sum(row_sum[r])
     if quad_leader:
         sRowSum[tile_row, wg, buf] = row_total[0]
         sRowSum[tile_row + 8, wg, buf] = row_total[1]
-    barriers.sync(barrier_id, 256)  # unaligned: the seesaw's warpgroups reach it from their own code
+    return row_total
+
+
+@cute.jit
+def add_peer_row_sums(row_total: cute.Tensor, sRowSum: cute.Tensor, tile_row, wg, buf) -> cute.Tensor:
+    """The second half of exchange_row_sums (after its barrier): add the other warpgroup's sums."""
     row_total[0] = row_total[0] + sRowSum[tile_row, 1 - wg, buf]
     row_total[1] = row_total[1] + sRowSum[tile_row + 8, 1 - wg, buf]
     return row_total
