@@ -61,14 +61,20 @@ def _time_per_call(fn, iters: int, loops: int = 5) -> float:
     return best * 1e6
 
 
-def make_calls(device, b: int = 1, s_q: int = 1, h_q: int = 16, h_kv: int = 1, seqlen: int = 64) -> dict:
-    """The timed calls, by name, on one request of `seqlen` tokens (the same table on the CPU and the GPU)."""
+def make_inputs(device, b: int = 1, s_q: int = 1, h_q: int = 16, h_kv: int = 1, seqlen: int = 64):
+    """(q, kcache, block_table, seqlens, meta, splits) of `b` requests of `seqlen` tokens."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randn(b, s_q, h_q, 576, generator=gen).to(device, torch.bfloat16)
     kcache = torch.randn(b * 4, 64, h_kv, 576, generator=gen).to(device, torch.bfloat16)
     block_table = torch.arange(b * 4, dtype=torch.int32, device=device).view(b, 4)
     seqlens = torch.full((b,), seqlen, dtype=torch.int32, device=device)
     meta, splits = cutemla.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv, h_q)
+    return q, kcache, block_table, seqlens, meta, splits
+
+
+def make_calls(device, b: int = 1, s_q: int = 1, h_q: int = 16, h_kv: int = 1, seqlen: int = 64) -> dict:
+    """The timed calls, by name, on one request of `seqlen` tokens (the same table on the CPU and the GPU)."""
+    q, kcache, block_table, seqlens, meta, splits = make_inputs(device, b, s_q, h_q, h_kv, seqlen)
     sched = cutemla.get_mla_metadata()[0]
     decoder = MLADecoder(b, s_q, h_q, h_kv, dtype=torch.bfloat16, device=device, max_blocks_per_seq=4)
     decoder.plan(seqlens)
@@ -141,14 +147,8 @@ def profile_cuda(iters: int = 2000, top: int = 30) -> None:
     print(f"torch {torch.__version__}, tvm_ffi {tvm_ffi.__version__}, python {sys.version.split()[0]}, "
           f"torch.Tensor.__dlpack_c_exchange_api__: {hasattr(torch.Tensor, '__dlpack_c_exchange_api__')}")
     device = torch.device("cuda")
-    q = torch.randn(1, 1, 16, 576, device=device, dtype=torch.bfloat16)
-    kcache = torch.randn(4, 64, 1, 576, device=device, dtype=torch.bfloat16)
-    block_table = torch.arange(4, dtype=torch.int32, device=device).view(1, 4)
-    seqlens = torch.full((1,), 64, dtype=torch.int32, device=device)
-    meta, splits = cutemla.get_mla_metadata(seqlens, 16, 1, 16)
-
-    def call():
-        return cutemla.flash_mla_with_kvcache(q, kcache, block_table, seqlens, 512, meta, splits, causal=True)
+    q, kcache, block_table, seqlens, meta, splits = make_inputs(device)
+    call = make_calls(device)[OLD_STYLE]
 
     call()
     torch.cuda.synchronize()

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .._env import env_get
-from ..layouts.cache import fold_q
+from ..layouts.cache import fold_q, lse_rows_view, out_rows_view
 from ..layouts.tiles import D_V, PAGE_SIZE
 
 _TORCH_TO_DSL = {torch.bfloat16: "BFloat16", torch.float16: "Float16"}
@@ -149,14 +149,13 @@ def dense_decode_launches(q, kcache, block_table, cache_seqlens, tile_scheduler_
     b, s_q, h_q, d = q.shape
     h_kv = kcache.shape[2]
     assert kcache.shape[1] == PAGE_SIZE
-    g = h_q // h_kv
-    rows = s_q * g
+    rows = s_q * (h_q // h_kv)
     decode, combine = _compiled_pair(q.dtype, d, b, h_kv, rows, schedule)
-    q_rows = _tma_ready(q.reshape(b, rows, 1, d) if h_kv == 1 else fold_q(q, h_kv), "q", copy_ok=True)
+    q_rows = _tma_ready(fold_q(q, h_kv), "q", copy_ok=True)
     kcache = _tma_ready(kcache, "k_cache", copy_ok=False)
     # The buffers are fresh or the decoder's own: contiguous, so no layout fix-ups (launch_combine's).
     decode_args = (q_rows, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                   out.view(b, s_q, h_kv, g, D_V), lse.view(b, h_kv, g, s_q), o_accum, lse_accum,
+                   out_rows_view(out, h_kv), lse_rows_view(lse, h_kv), o_accum, lse_accum,
                    float(softmax_scale) * _LOG2_E, int(bool(causal) and s_q > 1))
     return decode, decode_args, combine, (o_accum, lse_accum, num_splits, out, lse)
 
@@ -185,19 +184,24 @@ def prepare_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_m
 _one_device = None  # whether this process sees a single CUDA device (fixed once CUDA is initialised)
 
 
-def _only_device() -> bool:
+def needs_device_guard(device_index) -> bool:
+    """Whether a TVM-FFI launch for tensors on CUDA device `device_index` must make it current first.
+
+    TVM-FFI launches on the current device's current stream, so a switch is needed only when the tensors
+    are elsewhere (the guard costs ~6 us of host time). With one visible device they cannot be elsewhere,
+    and the current_device() query (~1 us on the H100 host) is skipped too.
+    """
     global _one_device
+    if device_index is None:
+        return False
     if _one_device is None:
         _one_device = torch.cuda.device_count() == 1
-    return _one_device
+    return not _one_device and device_index != torch.cuda.current_device()
 
 
 def launch(decode, decode_args, combine, combine_args, device_index=None) -> None:
     """Run the launches of `dense_decode_launches` on the current stream of `device_index`'s device."""
-    # TVM-FFI launches on the current device's current stream: switch devices only when the tensors are
-    # elsewhere (the guard costs ~6 us of host time). With one visible device they cannot be elsewhere,
-    # and the current_device() query (~1 us on the H100 host) is skipped too.
-    if device_index is None or _only_device() or device_index == torch.cuda.current_device():
+    if not needs_device_guard(device_index):
         decode(*decode_args)
         if combine is not None:
             combine(*combine_args)
@@ -215,9 +219,9 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
     q [b, s_q, h_q, d]; kcache [num_blocks, 64, h_kv, d]; block_table [b, max_blocks] int32;
     cache_seqlens [b] int32; metadata from cutemla.schedule. Returns (out [b, s_q, h_q, 512] in q's
     dtype, lse [b, h_q, s_q] fp32 natural log). No host sync; allocations depend only on shapes.
-    schedule: the decode kernel's consumer loop ("seesaw", "pipelined" or "split_s"; experiment:
-    "seesaw_named"); default
-    CUTEMLA_DECODE_SCHEDULE or DEFAULT_SCHEDULE (see decode_variant).
+    schedule: the decode kernel's consumer loop ("seesaw", "pipelined" or "split_s"; experiments:
+    "seesaw_named", "seesaw_no_evict_first"); default CUTEMLA_DECODE_SCHEDULE or DEFAULT_SCHEDULE (see
+    decode_variant).
     """
     decode, decode_args, combine, combine_args, out, lse = prepare_dense_decode(
         q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, softmax_scale, causal,

@@ -13,6 +13,8 @@ def fold_q(q: torch.Tensor, h_kv: int) -> torch.Tensor:
     then not an affine sequence in memory and a TMA box needs one.
     """
     b, s_q, h_q, d = q.shape
+    if h_kv == 1:  # rows are already s * h_q + head: one reshape (the eager path counts each torch call)
+        return q.reshape(b, s_q * h_q, 1, d)
     g = h_q // h_kv
     folded = q.view(b, s_q, h_kv, g, d).transpose(2, 3)  # [b, s_q, g, h_kv, d]
     return folded.reshape(b, s_q * g, h_kv, d)  # reshape copies only when a view is impossible

@@ -122,7 +122,7 @@ def get_decoding_sched_meta(
     batch = cache_seqlens.shape[0]
 
     if device.type == "cuda" and policy.uses_flashmla_plan:
-        from cutemla.kernels import _only_device
+        from cutemla.kernels import needs_device_guard
 
         seqlens = cache_seqlens.contiguous()
         meta = torch.empty((parts, META_WORDS), dtype=torch.int32, device=device)
@@ -130,7 +130,7 @@ def get_decoding_sched_meta(
         fn = _device_plan_fn(policy.block_size_n, policy.fixed_overhead_num_blocks)
         # TVM-FFI launches on the current stream of the tensors' device; make that device current too so the
         # launch uses its context (skipped in the common case: it costs a few microseconds).
-        if device.index is not None and not _only_device() and device.index != torch.cuda.current_device():
+        if needs_device_guard(device.index):
             with torch.cuda.device(device):
                 fn(seqlens, meta, num_splits)
         else:
