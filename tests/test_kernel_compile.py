@@ -41,7 +41,8 @@ def test_decode_has_no_spills_or_serialisation(decode_report):
     assert not set(report["ptxas_warnings"]) & {"C7508", "C7510", "C7519"}, report["ptxas_warnings"]
 
 
-SEESAW_CONFIGS = ["bf16_d576_seesaw", "fp16_d576_seesaw", "bf16_d576_seesaw_pf", "bf16_d576_seesaw_named"]
+SEESAW_CONFIGS = ["bf16_d576_seesaw", "fp16_d576_seesaw", "bf16_d576_seesaw_pf", "bf16_d576_seesaw_named",
+                  "bf16_d576_seesaw_lazy"]
 
 
 @pytest.fixture(scope="module", params=SEESAW_CONFIGS)

@@ -119,7 +119,8 @@ class MlaDecodeSeesaw(MlaDecode):
     """Split-KV MLA decode, seesaw schedule. Same call signature and outputs as MlaDecode."""
 
     def __init__(self, dtype, d_qk: int = D_QK, l2_prefetch_blocks: int = 0,
-                 regs: tuple = (56, 224), handoff: str = "mbarrier", evict_first_kv: bool = True):
+                 regs: tuple = (56, 224), handoff: str = "mbarrier", evict_first_kv: bool = True,
+                 p1_first: bool = False, rescale_threshold: float | None = None):
         assert d_qk == D_QK, "the seesaw schedule keeps P tiles in the RoPE sub-tile: d must be 576"
         self.dtype = dtype
         self.d_qk = d_qk
@@ -130,6 +131,11 @@ class MlaDecodeSeesaw(MlaDecode):
         # and 1% at 128x16k h16, no change at large h128 (perf/results/2026-11-25-h100-ab-evict-first.csv);
         # schedule "seesaw_no_evict_first" turns it off.
         self.evict_first_kv = evict_first_kv
+        # p1_first: consumer 1 hands P1 over (P1_READY) before it rescales O_R, which consumer 0's wait
+        # for P1 does not need. rescale_threshold (log2 units): lazy rescaling, see
+        # softmax.online_softmax_step; the O and P0 rescales are skipped by warps whose factors are all 1.
+        self.p1_first = p1_first
+        self.rescale_threshold = rescale_threshold
         # Consumer-to-consumer hand-offs: smem mbarriers ("mbarrier", the default) or named
         # barriers ("named", schedule "seesaw_named"); see the module docstring.
         assert handoff in ("mbarrier", "named"), handoff
@@ -391,7 +397,8 @@ class MlaDecodeSeesaw(MlaDecode):
             if n0 * BLOCK_N + BLOCK_N > tile_border:
                 sm.mask_scores(acc_S, tidx, n0 * BLOCK_N, border0, border1)
             block_max = sm.block_row_max(acc_S)
-            factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
+            factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2,
+                                             self.rescale_threshold)
             # The quad's other lanes read these words in step 3 of the previous pair: converge the
             # warp before its leader overwrites them (a warp-level WAR under racecheck).
             cute.arch.sync_warp()
@@ -402,7 +409,7 @@ class MlaDecodeSeesaw(MlaDecode):
             self.handoff_signal(handoff, HANDOFF_SCALE0)
             rescale[0] = factors[0]
             rescale[1] = factors[1]
-            sm.rescale_rows(acc_O, rescale)
+            self.rescale_o(acc_O, rescale)
             # 2. O_L += P0 V0_L with P0 from registers; then stage 0's L half is free.
             rP.store(acc_S.load().to(self.dtype))
             if n0 * BLOCK_N + BLOCK_N > seqlen:
@@ -416,12 +423,16 @@ class MlaDecodeSeesaw(MlaDecode):
                 rescale[r] = sScale[tile_row + 8 * r, 1]
                 row_max[r] = sRowMax[tile_row + 8 * r]
                 row_sum[r] = row_sum[r] * rescale[r]
-            sm.rescale_rows(acc_S, rescale)
-            rP.store(acc_S.load().to(self.dtype))
+            if const_expr(self.rescale_threshold is None):
+                sm.rescale_rows(acc_S, rescale)
+                rP.store(acc_S.load().to(self.dtype))
+            elif cute.arch.vote_any_sync(rescale[0] != 1.0 or rescale[1] != 1.0):
+                sm.rescale_rows(acc_S, rescale)  # else rP still holds P0 at m0 = m1
+                rP.store(acc_S.load().to(self.dtype))
             cute.autovec_copy(rP, tPsP[None, None, None, 0])
             cute.arch.fence_view_async_shared()
             self.handoff_signal(handoff, HANDOFF_P0_READY)
-            sm.rescale_rows(acc_O, rescale)
+            self.rescale_o(acc_O, rescale)
             # 4. O_L += P1 V1_L (P1 from smem), overlapped with the next S0 = Q K^T.
             if has1:
                 # P1 is in smem and consumer 1's QK^T no longer reads K1 (so V1_L may be zeroed).
@@ -477,7 +488,8 @@ class MlaDecodeSeesaw(MlaDecode):
                 if n1 * BLOCK_N + BLOCK_N > tile_border:
                     sm.mask_scores(acc_S, tidx, n1 * BLOCK_N, border0, border1)
                 block_max = sm.block_row_max(acc_S)
-                factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2)
+                factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2,
+                                                 self.rescale_threshold)
                 rescale[0] = factors[0]
                 rescale[1] = factors[1]
             cute.arch.sync_warp()  # every lane has read m0 before the leader writes m1 over it
@@ -490,13 +502,17 @@ class MlaDecodeSeesaw(MlaDecode):
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 rescale[r] = rescale[r] * sScale[tile_row + 8 * r, 0]
             self.handoff_signal(handoff, HANDOFF_SCALE1)
-            sm.rescale_rows(acc_O, rescale)
+            if const_expr(not self.p1_first):
+                self.rescale_o(acc_O, rescale)
             # 2. P1 to smem for consumer 0; O_R += P1 V1_R from registers.
             if has1:
                 rP.store(acc_S.load().to(self.dtype))
                 cute.autovec_copy(rP, tPsP[None, None, None, 1])
                 cute.arch.fence_view_async_shared()
                 self.handoff_signal(handoff, HANDOFF_P1_READY)
+            if const_expr(self.p1_first):
+                self.rescale_o(acc_O, rescale)
+            if has1:
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 1, tidx, 1)
                 sm.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 1)
@@ -519,6 +535,14 @@ class MlaDecodeSeesaw(MlaDecode):
                 self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, full, 1, fills1 % 2)
                 warpgroup.wait_group(0)
         return fills0, fills1
+
+    @cute.jit
+    def rescale_o(self, acc_O, rescale):
+        """O *= the per-row factors; with lazy rescaling only in warps where a factor is not 1."""
+        if const_expr(self.rescale_threshold is None):
+            sm.rescale_rows(acc_O, rescale)
+        else:
+            sm.rescale_rows_if_needed(acc_O, rescale)
 
     def handoff_count(self, index: int) -> int:
         """Arrival count of hand-off mbarrier `index`: one consumer warpgroup's threads, both
@@ -610,12 +634,14 @@ class MlaDecodeSeesaw(MlaDecode):
 
 def compile_decode_seesaw(dtype, d_qk: int = D_QK, options: str | None = None,
                           l2_prefetch_blocks: int = 0, regs: tuple = (56, 224), handoff: str = "mbarrier",
-                          evict_first_kv: bool = True):
+                          evict_first_kv: bool = True, p1_first: bool = False,
+                          rescale_threshold: float | None = None):
     """Compile (uncached) the seesaw decode. Use `get_decode_fn(..., schedule="seesaw")`."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
     kernel = MlaDecodeSeesaw(dtype, d_qk, l2_prefetch_blocks=l2_prefetch_blocks, regs=regs,
-                             handoff=handoff, evict_first_kv=evict_first_kv)
+                             handoff=handoff, evict_first_kv=evict_first_kv, p1_first=p1_first,
+                             rescale_threshold=rescale_threshold)
     return cute.compile(kernel, *_fake_args(dtype, d_qk), fake_stream(),
                         options=options or COMPILE_OPTIONS)
 
@@ -625,6 +651,10 @@ SCHEDULE_OPTIONS = {
     "seesaw": {},
     "seesaw_named": {"handoff": "named"},
     "seesaw_no_evict_first": {"evict_first_kv": False},
+    "seesaw_p1_first": {"p1_first": True},
+    # Lazy rescaling with FlashAttention-4's threshold: the reference max moves only when a tile's max
+    # exceeds it by more than 2^8.
+    "seesaw_lazy": {"p1_first": True, "rescale_threshold": 8.0},
 }
 
 
@@ -639,6 +669,6 @@ def compile_configs():
     configs.update({
         f"{name}_d576_{schedule}": partial(compile_decode_seesaw, dt, D_QK, **SCHEDULE_OPTIONS[schedule])
         for name, dt in (("bf16", cutlass.BFloat16), ("fp16", cutlass.Float16))
-        for schedule in ("seesaw_named", "seesaw_no_evict_first")
+        for schedule in ("seesaw_named", "seesaw_no_evict_first", "seesaw_p1_first", "seesaw_lazy")
     })
     return configs

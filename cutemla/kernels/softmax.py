@@ -70,22 +70,37 @@ def block_row_max(acc_S: cute.Tensor) -> cute.Tensor:
 
 @cute.jit
 def online_softmax_step(acc_S: cute.Tensor, block_max: cute.Tensor, row_max: cute.Tensor,
-                        row_sum: cute.Tensor, scale_log2: Float32) -> cute.Tensor:
+                        row_sum: cute.Tensor, scale_log2: Float32,
+                        threshold: cutlass.Constexpr = None) -> cute.Tensor:
     """Turn scores into unnormalised probabilities in place; update row_max and row_sum.
 
     block_max: this tile's row maxima of raw scores (all columns the softmax covers this step).
     row_sum stays a per-thread partial sum (quad-reduce it at the end). Returns the per-row factor
     the O accumulator must be multiplied by. A row with no finite score yet keeps row_max = -inf and
     uses 0 as its shift, so -inf - (-inf) never happens.
+
+    threshold (log2 units, compile-time; None = exact): keep the old reference max while the tile's
+    max exceeds it by at most `threshold`, so the factor is exactly 1 and the caller may skip the O
+    rescale. Probabilities then reach up to 2^threshold instead of 1, which bf16/fp16 P and the fp32
+    sums hold without loss (relative precision does not depend on magnitude); the LSE and the final
+    O / L use the same reference max, so the result is the same softmax.
     """
     rescale = cute.make_rmem_tensor(ROWS_PER_THREAD, Float32)
     for r in cutlass.range_constexpr(ROWS_PER_THREAD):
         prev_max = row_max[r]
         new_max = cute.arch.fmax(prev_max, block_max[r] * scale_log2)
+        if cutlass.const_expr(threshold is not None):
+            # False when prev_max is -inf (the difference is +inf or NaN): the first finite max is taken.
+            if new_max - prev_max <= threshold:
+                new_max = prev_max
         shift = new_max
         if new_max == -Float32.inf:
             shift = Float32(0.0)
-        rescale[r] = cute.math.exp2(prev_max - shift, fastmath=True)
+        factor = cute.math.exp2(prev_max - shift, fastmath=True)
+        if cutlass.const_expr(threshold is not None):
+            if new_max == prev_max:
+                factor = Float32(1.0)  # exactly, so callers can test for it (a -inf row's O is 0 anyway)
+        rescale[r] = factor
         row_max[r] = new_max
         partial_sum = row_sum[r] * rescale[r]
         for i in cutlass.range_constexpr(cute.size(acc_S)):
@@ -101,6 +116,14 @@ def online_softmax_step(acc_S: cute.Tensor, block_max: cute.Tensor, row_max: cut
 def rescale_rows(acc_O: cute.Tensor, rescale: cute.Tensor):
     for i in cutlass.range_constexpr(cute.size(acc_O)):
         acc_O[i] = acc_O[i] * rescale[(i // 2) % 2]
+
+
+@cute.jit
+def rescale_rows_if_needed(acc_O: cute.Tensor, rescale: cute.Tensor):
+    """rescale_rows, skipped when every factor of the warp's rows is exactly 1 (a warp vote, so the
+    skip is uniform: lazy rescaling, online_softmax_step's threshold, makes that the common case)."""
+    if cute.arch.vote_any_sync(rescale[0] != 1.0 or rescale[1] != 1.0):
+        rescale_rows(acc_O, rescale)
 
 
 @cute.jit
