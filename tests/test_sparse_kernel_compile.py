@@ -11,6 +11,8 @@ GATHER_MARKERS = {
     "ld_global_v4": r"ld\.global(?:\.nc)?\.v4\.",  # 16-byte token loads
     "st_shared_v4": r"st\.shared\.v4\.",  # 16-byte stores of dequantised bf16 into the swizzled K tile
     "cvt_e4m3x2": r"cvt\.rn\.f16x2\.e4m3x2",  # fp8 pairs -> f16 pairs
+    "mul_bf16x2": r"mul\.rn\.bf16x2",  # packed dequant: two bf16x2 multiplies per e4m3 pair
+    "div_s32": r"\bdiv\.s32",  # token id -> page (a runtime page size): per token, or per lane with lane_rows
     "fence_proxy_async": r"fence\.proxy\.async",
     "prefetch_l2": r"prefetch\.global\.L2",
     "vote_ballot": r"vote\.sync\.ballot",
@@ -18,8 +20,9 @@ GATHER_MARKERS = {
 
 # (module, config): the sparse kernel and the dense-FP8 kernel built from the same pieces.
 CONFIGS = [("sparse_decode", c) for c in ("sparse_fp8", "sparse_fp8_pipelined", "sparse_fp8_noprefetch",
-                                          "sparse_fp8_u2", "sparse_fp8_u8")] + \
-          [("dense_fp8_decode", c) for c in ("dense_fp8", "dense_fp8_noprefetch")]
+                                          "sparse_fp8_u2", "sparse_fp8_u8", "sparse_fp8_packed",
+                                          "sparse_fp8_pipelined_packed")] + \
+          [("dense_fp8_decode", c) for c in ("dense_fp8", "dense_fp8_noprefetch", "dense_fp8_packed")]
 
 
 @pytest.fixture(scope="module", params=CONFIGS, ids=[c for _, c in CONFIGS])
@@ -38,7 +41,7 @@ def test_sparse_compiles_to_hopper_design(sparse_report):
     assert ptx["target_sm90a"] == 1
     # QK^T: 36 k16 steps of m64n32 (this warpgroup's 32 keys over d = 576; the pipelined schedule has two
     # issue sites, prologue and loop); PV: 4 steps of m64n256.
-    assert ptx["wgmma_m64n32k16"] == (72 if config.endswith("pipelined") else 36)
+    assert ptx["wgmma_m64n32k16"] == (72 if "pipelined" in config else 36)
     assert ptx["wgmma_m64n256k16"] == 4
     # Q is the only TMA load (9 boxes of 64 columns); the cache is gathered with vector loads.
     assert ptx["tma_load"] == 9
@@ -48,7 +51,14 @@ def test_sparse_compiles_to_hopper_design(sparse_report):
     # of dequantised NoPE (+ 16 4-byte RoPE stores).
     assert ptx["ld_global_v4"] == 16
     assert ptx["st_shared_v4"] == 32
-    assert ptx["cvt_e4m3x2"] == 128
+    # The packed producer converts by bit placement and bf16x2 multiplies (2 per pair) instead.
+    packed = config.endswith("packed")
+    assert ptx["cvt_e4m3x2"] == (0 if packed else 128)
+    assert ptx["mul_bf16x2"] == (256 if packed else 0)
+    if packed and config.startswith("sparse"):
+        # lane_rows: one token id -> page division per lane in the gather and one in the prefetch (the
+        # default divides every token: 16 + 3), plus the split plan's two.
+        assert ptx["div_s32"] == 4
     assert ptx["fence_proxy_async"] >= 1  # generic smem stores -> async proxy (WGMMA) before the arrive
     assert ptx["vote_ballot"] == 1
     assert ptx["prefetch_l2"] == (0 if config.endswith("noprefetch") else 3)

@@ -12,6 +12,7 @@ write fp32 partials that the existing combine kernel merges) with the sparse ker
 and never read), dequantises them into the swizzled bf16 K tile, and the consumers run the same WGMMA / online
 softmax step, masking keys past each row's (causal) border.
 """
+import os
 from functools import partial
 
 import torch
@@ -117,6 +118,7 @@ class MlaDenseDecodeFp8(MlaSparseDecodeFp8):
                 if lane == 0:
                     sValid[warp, stage] = bits
                 for j0 in cutlass.range_constexpr(0, TOKENS_PER_WARP, self.tokens_in_flight):
+                    # lane_rows stays off here: the page size is a constant 64 (a shift), not a division.
                     self.gather_dequant(mKV, sK, idx, bits, PAGE_SIZE, stage, warp, lane, j0)
                 cute.arch.fence_view_async_shared()  # generic stores -> visible to WGMMA (async proxy)
                 pipe_kv.producer_commit(kv_state)
@@ -229,18 +231,22 @@ def _fake_args():
     return (q, kv, block_table, seqlens, meta, num_splits, out, lse, o_accum, lse_accum, Float32(1.0), Int32(0))
 
 
-# (tokens in flight per producer warp, L2 prefetch of the next page, producer registers)
+# (tokens in flight per producer warp, L2 prefetch of the next page, producer registers[, packed])
 CONFIGS = {
     "dense_fp8": (4, True, 88),
     "dense_fp8_noprefetch": (4, False, 88),
+    # packed: the producer's packed dequant (MlaSparseDecodeFp8 packed_dequant). Compile-only so far.
+    "dense_fp8_packed": (4, True, 88, True),
 }
-DEFAULT_CONFIG = "dense_fp8"
+# CUTEMLA_FP8_PACKED=1, read once at import, makes the packed producer the default (GPU A/B runs).
+DEFAULT_CONFIG = "dense_fp8_packed" if os.environ.get("CUTEMLA_FP8_PACKED") == "1" else "dense_fp8"
 
 
-def compile_dense_fp8_decode(tokens_in_flight=4, l2_prefetch=True, producer_regs=88, options=None):
+def compile_dense_fp8_decode(tokens_in_flight=4, l2_prefetch=True, producer_regs=88, packed=False, options=None):
     from .jit import COMPILE_OPTIONS, fake_stream
 
-    kernel = MlaDenseDecodeFp8(tokens_in_flight, l2_prefetch, producer_regs)
+    # The page size is a constant 64 here (its division is a shift): lane_rows would only add a shuffle.
+    kernel = MlaDenseDecodeFp8(tokens_in_flight, l2_prefetch, producer_regs, packed_dequant=packed)
     return cute.compile(kernel, *_fake_args(), fake_stream(), options=options or COMPILE_OPTIONS)
 
 

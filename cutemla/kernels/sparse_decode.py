@@ -36,6 +36,7 @@ Warp roles (384 threads):
                out and the natural-log lse.
 """
 import math
+import os
 from functools import partial
 
 import torch
@@ -46,6 +47,8 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, Uint8, const_expr, pipeline
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.memory import SmemAllocator
 
@@ -82,13 +85,63 @@ BARRIER_P_READY = 3
 BARRIER_ROW_SUM = 4
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Packed dequant (packed_dequant=True)
+#
+# An e4m3 byte s.eeee.mmm placed in a bf16 as sign -> bit 15, eeee.mmm -> bits 10..4 is the same value times
+# 2^-120 (bf16's exponent bias 127 vs e4m3's 7; e4m3 subnormals land on bf16 subnormals, zeros on zeros).
+# One prmt makes each 16-bit half sign-replicated-byte : byte (prmt's sign mode), a shift by 4 moves the byte
+# to bits 11..4 and the sign into bits 15..12, one and keeps bit 15 and bits 10..4. mul.rn.bf16x2 by 2^120
+# gives the e4m3 value back exactly (it is a bf16), and mul.rn.bf16x2 by bf16(scale) rounds the exact
+# product once to bf16: the reference's fp32 product (exact: 4-bit x 8-bit significands) rounded to bf16.
+# NaN codes (0x7F, 0xFF) give +-480 * scale instead of NaN. Per pair of values: prmt, shl, and,
+# 2 x HMUL2.BF16 = 2.5 instructions a value (fp32 path: F2FP unpack, 2 x HADD2.F32, 2 x FMUL, F2FP pack = 3).
+BF16X2_2POW120 = 0x7B807B80  # bf16 2^120 = exponent 247: 0x7B80
+PRMT_LO = 0x9180  # result bytes (low first): b0, sign(b0), b1, sign(b1)
+PRMT_HI = 0xB3A2  # b2, sign(b2), b3, sign(b3)
+
+
+@dsl_user_op
+def e4m3x2_to_scaled_bf16x2(word, scale2, selector: int, *, loc=None, ip=None):
+    """Two e4m3 bytes of `word` -> bf16x2 of value * bf16(scale), `scale2` a bf16x2 pair of the scale. The prmt
+    `selector` makes each half (sign of byte replicated) : byte, the lower value in the low half: PRMT_LO
+    for bytes 0, 1, PRMT_HI for bytes 2, 3."""
+    return Int32(llvm.inline_asm(
+        T.i32(),
+        [Int32(word).ir_value(loc=loc, ip=ip), Int32(scale2).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .b32 t, c;\n\t"
+        f"prmt.b32 t, $1, 0, {selector:#x};\n\t"
+        "shl.b32 t, t, 4;\n\t"
+        "and.b32 t, t, 0x87F087F0;\n\t"
+        f"mov.b32 c, {BF16X2_2POW120:#x};\n\t"
+        "mul.rn.bf16x2 t, t, c;\n\t"
+        "mul.rn.bf16x2 $0, t, $2;\n\t}",
+        "=r,r,r", loc=loc, ip=ip))
+
+
+@dsl_user_op
+def bf16x2_splat(x, *, loc=None, ip=None):
+    """(bf16(x), bf16(x)) as one 32-bit word (cvt.rn: the rounding of Float32.to(BFloat16))."""
+    return Int32(llvm.inline_asm(
+        T.i32(), [Float32(x).ir_value(loc=loc, ip=ip)], "cvt.rn.bf16x2.f32 $0, $1, $1;", "=r,f",
+        loc=loc, ip=ip))
+
+
 class MlaSparseDecodeFp8:
     """Sparse FP8 decode. Config (compile-time): tokens a producer warp keeps in flight, L2 prefetch of the
     next tile, producer registers (the consumers get the rest), consumer schedule."""
 
     def __init__(self, tokens_in_flight: int = 4, l2_prefetch: bool = True, producer_regs: int = 88,
-                 pipelined: bool = False, kv_stages: int = 2):
+                 pipelined: bool = False, kv_stages: int = 2, packed_dequant: bool = False,
+                 lane_rows: bool = False):
         assert TOKENS_PER_WARP % tokens_in_flight == 0
+        # packed_dequant: e4m3 pairs -> bf16 pairs by bit placement and two bf16x2 multiplies
+        # (`e4m3x2_to_scaled_bf16x2`) instead of fp8 -> f16 -> fp32, fp32 multiply, pack: 2.5 instead of 3
+        # instructions per value, the same bits for every non-NaN code (NaN codes come out finite).
+        self.packed_dequant = packed_dequant
+        # lane_rows: each lane splits its own slot's token id into (page, offset) once per tile and the
+        # token loop shuffles both, instead of every lane dividing every token id by the (runtime) page size.
+        self.lane_rows = lane_rows
         # pipelined: QK^T of tile n+1 is issued before PV of tile n, so the softmax of n+1 runs while the
         # tensor cores do PV(n) (the dense kernel's "pipelined" schedule). Otherwise one tile at a time.
         self.pipelined = pipelined
@@ -259,8 +312,9 @@ class MlaSparseDecodeFp8:
             pipe_kv.producer_acquire(kv_state)
             if lane == 0:
                 sValid[warp, stage] = bits
+            rows = self.lane_row(idx, page_size)
             for j0 in cutlass.range_constexpr(0, TOKENS_PER_WARP, self.tokens_in_flight):
-                self.gather_dequant(mKV, sK, idx, bits, page_size, stage, warp, lane, j0)
+                self.gather_dequant(mKV, sK, rows, bits, page_size, stage, warp, lane, j0)
             cute.arch.fence_view_async_shared()  # generic stores -> visible to WGMMA (async proxy)
             pipe_kv.producer_commit(kv_state)
             kv_state.advance()
@@ -271,22 +325,50 @@ class MlaSparseDecodeFp8:
                 idx, ok = self.slot_index(mIndices, batch, s_idx, n + 1, warp, lane, limit, num_tokens)
 
     @cute.jit
+    def lane_row(self, idx, page_size):
+        """This lane's token id, or with lane_rows its (page, offset in page): one division per lane."""
+        rows = idx
+        if const_expr(self.lane_rows):
+            page = idx // page_size
+            rows = (page, idx - page * page_size)
+        return rows
+
+    @cute.jit
+    def shuffle_row(self, rows, j):
+        """Lane j's `rows` (from lane_row), to every lane: shuffle outside any branch on the token."""
+        if const_expr(self.lane_rows):
+            tok = (cute.arch.shuffle_sync(rows[0], j), cute.arch.shuffle_sync(rows[1], j))
+        else:
+            tok = cute.arch.shuffle_sync(rows, j)
+        return tok
+
+    @cute.jit
+    def token_row(self, mKV, tok, page_size):
+        """The 656-byte row of a shuffled token (`shuffle_row`)."""
+        if const_expr(self.lane_rows):
+            row = mKV[None, tok[1], tok[0]]
+        else:
+            page = tok // page_size
+            row = mKV[None, tok - page * page_size, page]
+        return row
+
+    @cute.jit
     def prefetch_tokens(self, mKV, idx, ok, page_size, lane):
         """prefetch.global.L2 of the 16 tokens' rows (6 lines of 128 B cover 656 bytes; 3 per lane)."""
+        rows = self.lane_row(idx, page_size)
         for rep in cutlass.range_constexpr(3):
             slot = rep * 32 + lane  # 96 (token, line) pairs
             j = slot // 6
             line = slot - j * 6
-            tok = cute.arch.shuffle_sync(idx, j)
+            tok = self.shuffle_row(rows, j)
             valid = cute.arch.shuffle_sync(Int32(ok), j)
             if valid != 0:
-                page = tok // page_size
-                row = mKV[None, tok - page * page_size, page]
+                row = self.token_row(mKV, tok, page_size)
                 offset = cutlass.min(line * 128, FP8_BYTES_PER_TOKEN - 16)
                 cute.arch.prefetch((row.iterator + offset).llvm_ptr, cache_level="L2")
 
     @cute.jit
-    def gather_dequant(self, mKV, sK, idx, bits, page_size, stage, warp, lane,
+    def gather_dequant(self, mKV, sK, rows, bits, page_size, stage, warp, lane,
                        j0: cutlass.Constexpr[int]):
         """Tokens j0 .. j0 + tokens_in_flight - 1 of this warp: load all, then dequantise and store."""
         U = self.tokens_in_flight
@@ -298,10 +380,9 @@ class MlaSparseDecodeFp8:
         rope.fill(0)
         for u in cutlass.range_constexpr(U):
             j = j0 + u
-            tok = cute.arch.shuffle_sync(idx, j)
+            tok = self.shuffle_row(rows, j)
             if (bits >> j) & 1 != 0:
-                page = tok // page_size
-                row = mKV[None, tok - page * page_size, page]
+                row = self.token_row(mKV, tok, page_size)
                 cute.autovec_copy(cute.local_tile(row, (16,), (lane,)), nope[None, u])
                 cute.autovec_copy(cute.local_tile(row, (4,), (FP8_NOPE_DIM // 4 + lane // 8,)), scale[None, u])
                 # RoPE: 64 bf16 = 128 bytes, one bf16 pair per lane (one register per token, not four).
@@ -309,14 +390,25 @@ class MlaSparseDecodeFp8:
         for u in cutlass.range_constexpr(U):
             r = warp * TOKENS_PER_WARP + j0 + u
             s = cute.recast_tensor(scale[None, u], Float32)[0]
-            # FlashMLA's dequant: fp8 -> fp32, times bf16(scale), one rounding to bf16 (the product of
-            # a 4-bit and an 8-bit significand is exact in fp32).
-            s_bf16 = s.to(cutlass.BFloat16).to(Float32)
-            x = cute.recast_tensor(nope[None, u], cutlass.Float8E4M3FN).load().to(Float32)
-            k_frag = cute.make_rmem_tensor(16, self.dtype)
-            k_frag.store((x * s_bf16).to(self.dtype))
-            k_row = sK[r, None, stage]
-            cute.autovec_copy(k_frag, cute.local_tile(k_row, (16,), (lane,)))
+            if const_expr(self.packed_dequant):
+                # Same bits as below for every non-NaN code: bf16x2 products, each rounded once.
+                s2 = bf16x2_splat(s)
+                words = cute.recast_tensor(nope[None, u], Int32)
+                k_words = cute.make_rmem_tensor(8, Int32)
+                for w in cutlass.range_constexpr(4):
+                    k_words[2 * w] = e4m3x2_to_scaled_bf16x2(words[w], s2, PRMT_LO)  # bytes 0, 1
+                    k_words[2 * w + 1] = e4m3x2_to_scaled_bf16x2(words[w], s2, PRMT_HI)  # bytes 2, 3
+                k_row = sK[r, None, stage]
+                cute.autovec_copy(cute.recast_tensor(k_words, self.dtype), cute.local_tile(k_row, (16,), (lane,)))
+            else:
+                # FlashMLA's dequant: fp8 -> fp32, times bf16(scale), one rounding to bf16 (the product of
+                # a 4-bit and an 8-bit significand is exact in fp32).
+                s_bf16 = s.to(cutlass.BFloat16).to(Float32)
+                x = cute.recast_tensor(nope[None, u], cutlass.Float8E4M3FN).load().to(Float32)
+                k_frag = cute.make_rmem_tensor(16, self.dtype)
+                k_frag.store((x * s_bf16).to(self.dtype))
+                k_row = sK[r, None, stage]
+                cute.autovec_copy(k_frag, cute.local_tile(k_row, (16,), (lane,)))
             cute.autovec_copy(cute.recast_tensor(rope[None, u], self.dtype),
                               cute.local_tile(k_row, (2,), (FP8_NOPE_DIM // 2 + lane,)))
 
@@ -542,15 +634,17 @@ def _fake_args():
 
 
 def compile_sparse_decode(tokens_in_flight: int = 4, l2_prefetch: bool = True, producer_regs: int = 88,
-                          pipelined: bool = False, options: str | None = None):
-    """Compile (uncached) one sparse FP8 decode variant. Use `get_sparse_decode_fn` to call it."""
+                          pipelined: bool = False, packed: bool = False, options: str | None = None):
+    """Compile (uncached) one sparse FP8 decode variant. Use `get_sparse_decode_fn` to call it.
+    packed: the producer's packed dequant and per-lane (page, offset) split (packed_dequant, lane_rows)."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
-    kernel = MlaSparseDecodeFp8(tokens_in_flight, l2_prefetch, producer_regs, pipelined)
+    kernel = MlaSparseDecodeFp8(tokens_in_flight, l2_prefetch, producer_regs, pipelined,
+                                packed_dequant=packed, lane_rows=packed)
     return cute.compile(kernel, *_fake_args(), fake_stream(), options=options or COMPILE_OPTIONS)
 
 
-# (tokens in flight per producer warp, L2 prefetch of the next tile, producer registers[, pipelined]). The
+# (tokens in flight per producer warp, L2 prefetch of the next tile, producer registers[, pipelined[, packed]]). The
 # consumers get the rest of the register file (208 here; they need about that). All compile with 0 spills
 # (tests/test_sparse_kernel_compile.py); ptxas is not monotonic in the budget (4 tokens spill 4 bytes at 88).
 # Which is fastest is unmeasured: A/B them with perf/sparse_fp8.py --configs.
@@ -560,8 +654,12 @@ CONFIGS = {
     "sparse_fp8_noprefetch": (4, False, 80),
     "sparse_fp8_u2": (2, True, 72),
     "sparse_fp8_u8": (8, True, 88),
+    # packed: fewer producer instructions per tile (packed_dequant + lane_rows). Compile-only so far.
+    "sparse_fp8_packed": (4, True, 80, False, True),
+    "sparse_fp8_pipelined_packed": (4, True, 80, True, True),
 }
-DEFAULT_CONFIG = "sparse_fp8"
+# CUTEMLA_FP8_PACKED=1, read once at import, makes the packed producer the default (GPU A/B runs).
+DEFAULT_CONFIG = "sparse_fp8_packed" if os.environ.get("CUTEMLA_FP8_PACKED") == "1" else "sparse_fp8"
 
 
 def get_sparse_decode_fn(config: str = DEFAULT_CONFIG):
