@@ -117,9 +117,13 @@ class MlaDenseDecodeFp8(MlaSparseDecodeFp8):
                 pipe_kv.producer_acquire(kv_state)
                 if lane == 0:
                     sValid[warp, stage] = bits
-                for j0 in cutlass.range_constexpr(0, TOKENS_PER_WARP, self.tokens_in_flight):
-                    # lane_rows stays off here: the page size is a constant 64 (a shift), not a division.
-                    self.gather_dequant(mKV, sK, idx, bits, PAGE_SIZE, stage, warp, lane, j0)
+                if const_expr(self.lane_rows):  # each lane's row address, once per tile
+                    row_addr = self.lane_row(mKV, idx, PAGE_SIZE)
+                    for j0 in cutlass.range_constexpr(0, TOKENS_PER_WARP, self.tokens_in_flight):
+                        self.gather_dequant(mKV, sK, row_addr, bits, PAGE_SIZE, stage, warp, lane, j0)
+                else:
+                    for j0 in cutlass.range_constexpr(0, TOKENS_PER_WARP, self.tokens_in_flight):
+                        self.gather_dequant(mKV, sK, idx, bits, PAGE_SIZE, stage, warp, lane, j0)
                 cute.arch.fence_view_async_shared()  # generic stores -> visible to WGMMA (async proxy)
                 pipe_kv.producer_commit(kv_state)
                 kv_state.advance()
@@ -235,7 +239,8 @@ def _fake_args():
 CONFIGS = {
     "dense_fp8": (4, True, 88),
     "dense_fp8_noprefetch": (4, False, 88),
-    # packed: the producer's packed dequant (MlaSparseDecodeFp8 packed_dequant). Compile-only so far.
+    # packed: the producer's packed dequant and per-lane row addresses (MlaSparseDecodeFp8 packed_dequant,
+    # lane_rows). Compile-only so far.
     "dense_fp8_packed": (4, True, 88, True),
 }
 # CUTEMLA_FP8_PACKED=1, read once at import, makes the packed producer the default (GPU A/B runs).
@@ -245,8 +250,7 @@ DEFAULT_CONFIG = "dense_fp8_packed" if os.environ.get("CUTEMLA_FP8_PACKED") == "
 def compile_dense_fp8_decode(tokens_in_flight=4, l2_prefetch=True, producer_regs=88, packed=False, options=None):
     from .jit import COMPILE_OPTIONS, fake_stream
 
-    # The page size is a constant 64 here (its division is a shift): lane_rows would only add a shuffle.
-    kernel = MlaDenseDecodeFp8(tokens_in_flight, l2_prefetch, producer_regs, packed_dequant=packed)
+    kernel = MlaDenseDecodeFp8(tokens_in_flight, l2_prefetch, producer_regs, packed_dequant=packed, lane_rows=packed)
     return cute.compile(kernel, *_fake_args(), fake_stream(), options=options or COMPILE_OPTIONS)
 
 

@@ -139,8 +139,9 @@ class MlaSparseDecodeFp8:
         # (`e4m3x2_to_scaled_bf16x2`) instead of fp8 -> f16 -> fp32, fp32 multiply, pack: 2.5 instead of 3
         # instructions per value, the same bits for every non-NaN code (NaN codes come out finite).
         self.packed_dequant = packed_dequant
-        # lane_rows: each lane splits its own slot's token id into (page, offset) once per tile and the
-        # token loop shuffles both, instead of every lane dividing every token id by the (runtime) page size.
+        # lane_rows: each lane computes its own slot's row address once per tile (one division by the page
+        # size) and the token loop shuffles it, instead of every lane dividing every token id by the page size
+        # and computing the 64-bit row address.
         self.lane_rows = lane_rows
         # pipelined: QK^T of tile n+1 is issued before PV of tile n, so the softmax of n+1 runs while the
         # tensor cores do PV(n) (the dense kernel's "pipelined" schedule). Otherwise one tile at a time.
@@ -312,7 +313,7 @@ class MlaSparseDecodeFp8:
             pipe_kv.producer_acquire(kv_state)
             if lane == 0:
                 sValid[warp, stage] = bits
-            rows = self.lane_row(idx, page_size)
+            rows = self.lane_row(mKV, idx, page_size)
             for j0 in cutlass.range_constexpr(0, TOKENS_PER_WARP, self.tokens_in_flight):
                 self.gather_dequant(mKV, sK, rows, bits, page_size, stage, warp, lane, j0)
             cute.arch.fence_view_async_shared()  # generic stores -> visible to WGMMA (async proxy)
@@ -325,28 +326,27 @@ class MlaSparseDecodeFp8:
                 idx, ok = self.slot_index(mIndices, batch, s_idx, n + 1, warp, lane, limit, num_tokens)
 
     @cute.jit
-    def lane_row(self, idx, page_size):
-        """This lane's token id, or with lane_rows its (page, offset in page): one division per lane."""
+    def lane_row(self, mKV, idx, page_size):
+        """This lane's token id, or with lane_rows the address of its token's row (Int64): one division and
+        one row-address computation per lane and tile instead of per token in every lane."""
         rows = idx
         if const_expr(self.lane_rows):
             page = idx // page_size
-            rows = (page, idx - page * page_size)
+            rows = mKV[None, idx - page * page_size, page].iterator.toint()
         return rows
 
     @cute.jit
     def shuffle_row(self, rows, j):
         """Lane j's `rows` (from lane_row), to every lane: shuffle outside any branch on the token."""
-        if const_expr(self.lane_rows):
-            tok = (cute.arch.shuffle_sync(rows[0], j), cute.arch.shuffle_sync(rows[1], j))
-        else:
-            tok = cute.arch.shuffle_sync(rows, j)
-        return tok
+        return cute.arch.shuffle_sync(rows, j)
 
     @cute.jit
     def token_row(self, mKV, tok, page_size):
         """The 656-byte row of a shuffled token (`shuffle_row`)."""
         if const_expr(self.lane_rows):
-            row = mKV[None, tok[1], tok[0]]
+            # Row addresses are 16-byte aligned: the token stride is 656 = 41 * 16, blocks 16-byte multiples.
+            row = cute.make_tensor(cute.make_ptr(Uint8, tok, mKV.iterator.memspace, assumed_align=16),
+                                   cute.make_layout(FP8_BYTES_PER_TOKEN))
         else:
             page = tok // page_size
             row = mKV[None, tok - page * page_size, page]
@@ -355,7 +355,7 @@ class MlaSparseDecodeFp8:
     @cute.jit
     def prefetch_tokens(self, mKV, idx, ok, page_size, lane):
         """prefetch.global.L2 of the 16 tokens' rows (6 lines of 128 B cover 656 bytes; 3 per lane)."""
-        rows = self.lane_row(idx, page_size)
+        rows = self.lane_row(mKV, idx, page_size)
         for rep in cutlass.range_constexpr(3):
             slot = rep * 32 + lane  # 96 (token, line) pairs
             j = slot // 6
@@ -636,7 +636,7 @@ def _fake_args():
 def compile_sparse_decode(tokens_in_flight: int = 4, l2_prefetch: bool = True, producer_regs: int = 88,
                           pipelined: bool = False, packed: bool = False, options: str | None = None):
     """Compile (uncached) one sparse FP8 decode variant. Use `get_sparse_decode_fn` to call it.
-    packed: the producer's packed dequant and per-lane (page, offset) split (packed_dequant, lane_rows)."""
+    packed: the producer's packed dequant and per-lane row addresses (packed_dequant, lane_rows)."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
     kernel = MlaSparseDecodeFp8(tokens_in_flight, l2_prefetch, producer_regs, pipelined,
