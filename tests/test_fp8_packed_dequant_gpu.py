@@ -52,8 +52,10 @@ SPARSE = [SparseCase(b=4, s_q=2, h_q=64, topk=2048, page=64, s_kv=2046),
 
 @pytest.mark.parametrize("extreme_scales", [False, True])
 @pytest.mark.parametrize("case", SPARSE, ids=str)
-@pytest.mark.parametrize("base", ["sparse_fp8", "sparse_fp8_pipelined"])
-def test_sparse_packed_is_bit_identical(case, base, extreme_scales):
+@pytest.mark.parametrize("base,packed", [("sparse_fp8", "sparse_fp8_packed"),
+                                         ("sparse_fp8_pipelined", "sparse_fp8_pipelined_packed"),
+                                         ("sparse_fp8_u8", "sparse_fp8_u8_packed")])
+def test_sparse_packed_is_bit_identical(case, base, packed, extreme_scales):
     from cutemla.kernels.sparse_decode import run_sparse_fp8_decode
 
     q, packed, indices, _, sink, topk_length = make_inputs(case)
@@ -62,9 +64,9 @@ def test_sparse_packed_is_bit_identical(case, base, extreme_scales):
         a = run_sparse_fp8_decode(q, packed, indices, SM_SCALE, attn_sink=sink, topk_length=topk_length,
                                   num_splits=splits, config=base)
         b = run_sparse_fp8_decode(q, packed, indices, SM_SCALE, attn_sink=sink, topk_length=topk_length,
-                                  num_splits=splits, config=base + "_packed")
+                                  num_splits=splits, config=packed)
         torch.cuda.synchronize()
-        assert same_bits(a[0], b[0]) and same_bits(a[1], b[1]), (case, base, splits)
+        assert same_bits(a[0], b[0]) and same_bits(a[1], b[1]), (case, packed, splits)
 
 
 DENSE = [DecodeCase(b=4, s_q=2, s_k=700, h_q=64, h_kv=1, varlen=True, causal=True),
@@ -73,7 +75,8 @@ DENSE = [DecodeCase(b=4, s_q=2, s_k=700, h_q=64, h_kv=1, varlen=True, causal=Tru
 
 @pytest.mark.parametrize("extreme_scales", [False, True])
 @pytest.mark.parametrize("case", DENSE, ids=str)
-def test_dense_packed_is_bit_identical(clean_api_state, monkeypatch, case, extreme_scales):
+@pytest.mark.parametrize("packed", ["dense_fp8_packed", "dense_fp8_u8_packed"])
+def test_dense_packed_is_bit_identical(clean_api_state, monkeypatch, case, packed, extreme_scales):
     from cutemla import flash_mla_with_kvcache, get_mla_metadata
     from cutemla.kernels.dense_fp8_decode import run_dense_fp8_decode
     from cutemla.layouts.fp8_cache import quantize_fp8_cache
@@ -87,6 +90,6 @@ def test_dense_packed_is_bit_identical(clean_api_state, monkeypatch, case, extre
     args = (inputs.q, packed, inputs.block_table, inputs.cache_seqlens, sched.tile_scheduler_metadata,
             sched.num_splits, 576 ** -0.5, case.causal)
     a = run_dense_fp8_decode(*args, config="dense_fp8")
-    b = run_dense_fp8_decode(*args, config="dense_fp8_packed")
+    b = run_dense_fp8_decode(*args, config=packed)
     torch.cuda.synchronize()
     assert same_bits(a[0], b[0]) and same_bits(a[1], b[1])

@@ -21,8 +21,9 @@ GATHER_MARKERS = {
 # (module, config): the sparse kernel and the dense-FP8 kernel built from the same pieces.
 CONFIGS = [("sparse_decode", c) for c in ("sparse_fp8", "sparse_fp8_pipelined", "sparse_fp8_noprefetch",
                                           "sparse_fp8_u2", "sparse_fp8_u8", "sparse_fp8_packed",
-                                          "sparse_fp8_pipelined_packed")] + \
-          [("dense_fp8_decode", c) for c in ("dense_fp8", "dense_fp8_noprefetch", "dense_fp8_packed")]
+                                          "sparse_fp8_pipelined_packed", "sparse_fp8_u8_packed")] + \
+          [("dense_fp8_decode", c) for c in ("dense_fp8", "dense_fp8_noprefetch", "dense_fp8_packed",
+                                             "dense_fp8_u8_packed")]
 
 
 @pytest.fixture(scope="module", params=CONFIGS, ids=[c for _, c in CONFIGS])

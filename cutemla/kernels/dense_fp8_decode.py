@@ -242,9 +242,12 @@ CONFIGS = {
     # packed: the producer's packed dequant and per-lane row addresses (MlaSparseDecodeFp8 packed_dequant,
     # lane_rows). Compile-only so far.
     "dense_fp8_packed": (4, True, 88, True),
+    "dense_fp8_u8_packed": (8, True, 88, True),
 }
-# CUTEMLA_FP8_PACKED=1, read once at import, makes the packed producer the default (GPU A/B runs).
-DEFAULT_CONFIG = "dense_fp8_packed" if os.environ.get("CUTEMLA_FP8_PACKED") == "1" else "dense_fp8"
+# CUTEMLA_FP8_PACKED, read once at import, picks the default for GPU A/B runs: 1 -> dense_fp8_packed,
+# u8 -> dense_fp8_u8_packed.
+_PACKED_DEFAULTS = {"1": "dense_fp8_packed", "u8": "dense_fp8_u8_packed"}
+DEFAULT_CONFIG = _PACKED_DEFAULTS.get(os.environ.get("CUTEMLA_FP8_PACKED", ""), "dense_fp8")
 
 
 def compile_dense_fp8_decode(tokens_in_flight=4, l2_prefetch=True, producer_regs=88, packed=False, options=None):

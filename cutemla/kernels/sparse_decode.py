@@ -657,9 +657,13 @@ CONFIGS = {
     # packed: fewer producer instructions per tile (packed_dequant + lane_rows). Compile-only so far.
     "sparse_fp8_packed": (4, True, 80, False, True),
     "sparse_fp8_pipelined_packed": (4, True, 80, True, True),
+    # 8 tokens in flight: the packed producer needs 96 registers for them without spills (consumers: 200).
+    "sparse_fp8_u8_packed": (8, True, 96, False, True),
 }
-# CUTEMLA_FP8_PACKED=1, read once at import, makes the packed producer the default (GPU A/B runs).
-DEFAULT_CONFIG = "sparse_fp8_packed" if os.environ.get("CUTEMLA_FP8_PACKED") == "1" else "sparse_fp8"
+# CUTEMLA_FP8_PACKED, read once at import, picks the default for GPU A/B runs: 1 -> sparse_fp8_packed,
+# u8 -> sparse_fp8_u8_packed (the dense FP8 kernel reads it too).
+_PACKED_DEFAULTS = {"1": "sparse_fp8_packed", "u8": "sparse_fp8_u8_packed"}
+DEFAULT_CONFIG = _PACKED_DEFAULTS.get(os.environ.get("CUTEMLA_FP8_PACKED", ""), "sparse_fp8")
 
 
 def get_sparse_decode_fn(config: str = DEFAULT_CONFIG):
