@@ -22,6 +22,9 @@ Warp roles (384 threads):
                (fp8 -> fp32, times bf16(scale), rounded to bf16: ``layouts/fp8_cache.dequantize_fp8_cache``)
                and stored into a bf16 K tile in shared memory in the dense kernel's 128B-swizzled layout.
                Invalid tokens are written as zeros (their logits are masked anyway; zero V keeps NaN out).
+               Configs *_packed (compile-only so far) cut the producer's instructions: bit placement and two
+               bf16x2 multiplies instead of the fp32 path (`packed_dequant`, same bits except NaN codes) and
+               one row address per lane and tile, shuffled, instead of a division per token (`lane_rows`).
                Each thread fences its generic stores for the async proxy (fence.proxy.async) and arrives
                on the stage's "full" mbarrier (PipelineAsync, 2 stages). The slot validity bits go to
                shared memory with the tile. While a tile is dequantised, the next tile's token rows are
