@@ -58,12 +58,12 @@ SPARSE = [SparseCase(b=4, s_q=2, h_q=64, topk=2048, page=64, s_kv=2046),
 def test_sparse_packed_is_bit_identical(case, base, packed, extreme_scales):
     from cutemla.kernels.sparse_decode import run_sparse_fp8_decode
 
-    q, packed, indices, _, sink, topk_length = make_inputs(case)
-    packed = every_code(packed, case.seed, extreme_scales)
+    q, cache, indices, _, sink, topk_length = make_inputs(case)
+    cache = every_code(cache, case.seed, extreme_scales)
     for splits in (1, 3):
-        a = run_sparse_fp8_decode(q, packed, indices, SM_SCALE, attn_sink=sink, topk_length=topk_length,
+        a = run_sparse_fp8_decode(q, cache, indices, SM_SCALE, attn_sink=sink, topk_length=topk_length,
                                   num_splits=splits, config=base)
-        b = run_sparse_fp8_decode(q, packed, indices, SM_SCALE, attn_sink=sink, topk_length=topk_length,
+        b = run_sparse_fp8_decode(q, cache, indices, SM_SCALE, attn_sink=sink, topk_length=topk_length,
                                   num_splits=splits, config=packed)
         torch.cuda.synchronize()
         assert same_bits(a[0], b[0]) and same_bits(a[1], b[1]), (case, packed, splits)
@@ -83,11 +83,11 @@ def test_dense_packed_is_bit_identical(clean_api_state, monkeypatch, case, packe
 
     monkeypatch.setenv("CUTEMLA_BACKEND", "kernel")
     inputs = make_decode_inputs(case, device="cuda", generate_on_device=True)
-    packed = every_code(quantize_fp8_cache(inputs.kcache), case.seed, extreme_scales)
+    cache = every_code(quantize_fp8_cache(inputs.kcache), case.seed, extreme_scales)
     sched = get_mla_metadata()[0]  # the API fills in the scheduler metadata on its first call
-    flash_mla_with_kvcache(inputs.q, packed, inputs.block_table, inputs.cache_seqlens, 512, sched,
+    flash_mla_with_kvcache(inputs.q, cache, inputs.block_table, inputs.cache_seqlens, 512, sched,
                            causal=case.causal, is_fp8_kvcache=True)
-    args = (inputs.q, packed, inputs.block_table, inputs.cache_seqlens, sched.tile_scheduler_metadata,
+    args = (inputs.q, cache, inputs.block_table, inputs.cache_seqlens, sched.tile_scheduler_metadata,
             sched.num_splits, 576 ** -0.5, case.causal)
     a = run_dense_fp8_decode(*args, config="dense_fp8")
     b = run_dense_fp8_decode(*args, config=packed)
