@@ -1,7 +1,7 @@
 """FP8 decode benchmark inputs and metrics (FlashMLA's method), and a split-count / kernel-config script.
 
     python -m perf.sweep --preset fp8 --providers cutemla,reference,flashmla-baseline   # CSV rows (the sweep)
-    python -m perf.sparse_fp8 [--preset flashmla|tp|all] [--splits auto 1 4 ...] [--configs sparse_fp8 ...]
+    python -m perf.sparse_fp8 [--preset flashmla|tp|all] [--splits auto 1 4 ...] [--configs sparse_fp8_u8_packed ...]
                               [--out results.csv]
 
 The sweep (``perf.sweep``, preset ``fp8`` or cases with ``fp8`` / ``topk<N>``) imports the input builders and
@@ -130,8 +130,8 @@ def make_sparse_inputs(b, s_q, h_q, topk, s_kv, seed=0, device="cuda", case=None
     return SparseInputs(*make_inputs(b, s_q, h_q, topk, s_kv, seed=seed, device=device), case=case)
 
 
-def run(rows, split_options, out_path=None, configs=("sparse_fp8",)):
-    from cutemla.kernels.sparse_decode import choose_num_splits, run_sparse_fp8_decode
+def run(rows, split_options, out_path=None, configs=None):
+    from cutemla.kernels.sparse_decode import DEFAULT_CONFIG, choose_num_splits, run_sparse_fp8_decode
     from cutemla.profile import time_cuda_graph
 
     device = torch.device("cuda")
@@ -140,7 +140,7 @@ def run(rows, split_options, out_path=None, configs=("sparse_fp8",)):
     for b, s_q, h_q, topk, s_kv in rows:
         q, packed, indices, sink = make_inputs(b, s_q, h_q, topk, s_kv)
         flop, nbytes = metrics(b, s_q, h_q, topk, indices)
-        for config, option in [(c, o) for c in configs for o in split_options]:
+        for config, option in [(c, o) for c in (configs or (DEFAULT_CONFIG,)) for o in split_options]:
             splits = choose_num_splits(b, s_q, h_q, topk, num_sms) if option == "auto" else int(option)
 
             def call(splits=splits, config=config, inputs=(q, packed, indices, sink)):
@@ -170,8 +170,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="flashmla", choices=sorted(PRESETS))
     parser.add_argument("--splits", nargs="+", default=["auto"], help="'auto' and/or split counts to time")
-    parser.add_argument("--configs", nargs="+", default=["sparse_fp8"],
-                        help="kernel variants (cutemla.kernels.sparse_decode.CONFIGS), e.g. sparse_fp8_pipelined")
+    parser.add_argument("--configs", nargs="+", default=None,
+                        help="kernel variants (cutemla.kernels.sparse_decode.CONFIGS), e.g. sparse_fp8 "
+                             "sparse_fp8_packed (default: the launcher's DEFAULT_CONFIG)")
     parser.add_argument("--out", default=None, help="CSV path")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -12,7 +12,6 @@ write fp32 partials that the existing combine kernel merges) with the sparse ker
 and never read), dequantises them into the swizzled bf16 K tile, and the consumers run the same WGMMA / online
 softmax step, masking keys past each row's (causal) border.
 """
-import os
 from functools import partial
 
 import torch
@@ -236,18 +235,16 @@ def _fake_args():
 
 
 # (tokens in flight per producer warp, L2 prefetch of the next page, producer registers[, packed])
+# packed: the producer's packed dequant and per-lane row addresses (MlaSparseDecodeFp8 packed_dequant,
+# lane_rows), bit-identical outputs. On an H200 at 128x16k varlen (perf/results/2026-11-25-h200-fp8-producer-ab.csv):
+# h16 1164 -> 852 us (dense_fp8 -> dense_fp8_packed; dense_fp8_u8_packed 894), h128 2415 -> 1669 us.
 CONFIGS = {
     "dense_fp8": (4, True, 88),
     "dense_fp8_noprefetch": (4, False, 88),
-    # packed: the producer's packed dequant and per-lane row addresses (MlaSparseDecodeFp8 packed_dequant,
-    # lane_rows). Compile-only so far.
     "dense_fp8_packed": (4, True, 88, True),
     "dense_fp8_u8_packed": (8, True, 88, True),
 }
-# CUTEMLA_FP8_PACKED, read once at import, picks the default for GPU A/B runs: 1 -> dense_fp8_packed,
-# u8 -> dense_fp8_u8_packed.
-_PACKED_DEFAULTS = {"1": "dense_fp8_packed", "u8": "dense_fp8_u8_packed"}
-DEFAULT_CONFIG = _PACKED_DEFAULTS.get(os.environ.get("CUTEMLA_FP8_PACKED", ""), "dense_fp8")
+DEFAULT_CONFIG = "dense_fp8_packed"
 
 
 def compile_dense_fp8_decode(tokens_in_flight=4, l2_prefetch=True, producer_regs=88, packed=False, options=None):

@@ -22,9 +22,11 @@ Warp roles (384 threads):
                (fp8 -> fp32, times bf16(scale), rounded to bf16: ``layouts/fp8_cache.dequantize_fp8_cache``)
                and stored into a bf16 K tile in shared memory in the dense kernel's 128B-swizzled layout.
                Invalid tokens are written as zeros (their logits are masked anyway; zero V keeps NaN out).
-               Configs *_packed (compile-only so far) cut the producer's instructions: bit placement and two
-               bf16x2 multiplies instead of the fp32 path (`packed_dequant`, same bits except NaN codes) and
+               Configs *_packed (the default, sparse_fp8_u8_packed: 8 tokens in flight) cut the producer's
+               instructions by ~40%: bit placement and two bf16x2 multiplies instead of the fp32 path
+               (`packed_dequant`, the same bits for every non-NaN code, checked bit for bit on the GPU) and
                one row address per lane and tile, shuffled, instead of a division per token (`lane_rows`).
+               That made the sparse kernel 1.7x faster (185 -> 322 TFLOP/s at b128 s_q2 h128 top-k 2048).
                Each thread fences its generic stores for the async proxy (fence.proxy.async) and arrives
                on the stage's "full" mbarrier (PipelineAsync, 2 stages). The slot validity bits go to
                shared memory with the tile. While a tile is dequantised, the next tile's token rows are
@@ -39,7 +41,6 @@ Warp roles (384 threads):
                out and the natural-log lse.
 """
 import math
-import os
 from functools import partial
 
 import torch
@@ -648,25 +649,25 @@ def compile_sparse_decode(tokens_in_flight: int = 4, l2_prefetch: bool = True, p
 
 
 # (tokens in flight per producer warp, L2 prefetch of the next tile, producer registers[, pipelined[, packed]]). The
-# consumers get the rest of the register file (208 here; they need about that). All compile with 0 spills
+# consumers get the rest of the register file (200-208; they need about that). All compile with 0 spills
 # (tests/test_sparse_kernel_compile.py); ptxas is not monotonic in the budget (4 tokens spill 4 bytes at 88).
-# Which is fastest is unmeasured: A/B them with perf/sparse_fp8.py --configs.
+# packed: the producer's packed dequant and per-lane row addresses (packed_dequant, lane_rows): bit-identical
+# outputs (tests/test_fp8_packed_dequant_gpu.py) from ~40% fewer producer instructions per tile.
+# perf/sparse_fp8.py --configs on an H200 (perf/results/2026-11-25-h200-fp8-producer-ab.csv), b128 s_q2 h128
+# top-k 2048: sparse_fp8 185, sparse_fp8_u8 191, sparse_fp8_packed 308, sparse_fp8_pipelined_packed 270,
+# sparse_fp8_u8_packed 322 TFLOP/s; u8_packed is the fastest in all eight FlashMLA cases, hence the default.
 CONFIGS = {
     "sparse_fp8": (4, True, 80),
     "sparse_fp8_pipelined": (4, True, 80, True),
     "sparse_fp8_noprefetch": (4, False, 80),
     "sparse_fp8_u2": (2, True, 72),
     "sparse_fp8_u8": (8, True, 88),
-    # packed: fewer producer instructions per tile (packed_dequant + lane_rows). Compile-only so far.
     "sparse_fp8_packed": (4, True, 80, False, True),
     "sparse_fp8_pipelined_packed": (4, True, 80, True, True),
     # 8 tokens in flight: the packed producer needs 96 registers for them without spills (consumers: 200).
     "sparse_fp8_u8_packed": (8, True, 96, False, True),
 }
-# CUTEMLA_FP8_PACKED, read once at import, picks the default for GPU A/B runs: 1 -> sparse_fp8_packed,
-# u8 -> sparse_fp8_u8_packed (the dense FP8 kernel reads it too).
-_PACKED_DEFAULTS = {"1": "sparse_fp8_packed", "u8": "sparse_fp8_u8_packed"}
-DEFAULT_CONFIG = _PACKED_DEFAULTS.get(os.environ.get("CUTEMLA_FP8_PACKED", ""), "sparse_fp8")
+DEFAULT_CONFIG = "sparse_fp8_u8_packed"
 
 
 def get_sparse_decode_fn(config: str = DEFAULT_CONFIG):
