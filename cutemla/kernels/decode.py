@@ -541,7 +541,7 @@ def get_decode_fn(dtype, d_qk: int = 576, schedule: str = "pipelined", l2_prefet
     from .jit import compile_cache
 
     if schedule.startswith("seesaw"):
-        # "seesaw", or "seesaw_named" (named-barrier hand-offs; seesaw.SCHEDULE_OPTIONS).
+        # "seesaw" or one of its experiments (seesaw.SCHEDULE_OPTIONS: seesaw_exact, seesaw_named, ...).
         from .seesaw import SCHEDULE_OPTIONS, compile_decode_seesaw
 
         if schedule not in SCHEDULE_OPTIONS:

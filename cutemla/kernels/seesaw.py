@@ -9,13 +9,19 @@ O[:, 256:]), so each P tile is used by both:
 
   consumer 0                                       consumer 1
   S0 -> softmax with the running max -> m0,        (waits SCALE0)
-  P0, O_L *= exp2(m_old - m0); arrive SCALE0       S1 -> softmax from m0 -> m1, P1; O_R rescaled
-  O_L += P0 V0_L   (P0 from registers)               to m1; arrive SCALE1
-  (waits SCALE1) P0 *= exp2(m0 - m1) -> smem;      P1 -> smem; O_R += P1 V1_R (registers);
-    arrive P0_READY                                  arrive P1_READY
-  (waits P1_READY) O_L *= exp2(m0 - m1);           (waits P0_READY) O_R += P0 V0_R (smem)
+  P0, O_L *= exp2(m_old - m0); arrive SCALE0       S1 -> softmax from m0 -> m1, P1; arrive SCALE1
+  O_L += P0 V0_L   (P0 from registers)             P1 -> smem, arrive P1_READY; O_R rescaled to m1;
+  (waits SCALE1) P0 *= exp2(m0 - m1) -> smem;        O_R += P1 V1_R (registers)
+    arrive P0_READY                                (waits P0_READY) O_R += P0 V0_R (smem)
+  (waits P1_READY) O_L *= exp2(m0 - m1);
     O_L += P1 V1_L (smem)
   QK^T of the next n0                              QK^T of the next n1
+
+Rescaling is lazy (FlashAttention-4's trick, LAZY_RESCALE_THRESHOLD): the reference max m of a row moves
+only when a tile's max exceeds it by more than 2^8, so almost every factor above is exactly 1, and a warp
+whose factors all are skips the multiplies (a warp vote): after the first tiles of a request the O and P0
+rescales are gone. P then reaches up to 256, which bf16/fp16 and the fp32 sums hold without loss. Schedule
+"seesaw_exact" keeps the exact online softmax (and rescales O_R before handing P1 over).
 
 Shared memory is Q plus two K stages (221 KiB); P tiles live in the RoPE sub-tile (columns
 512-575) of their own tile's stage, which no one reads after that tile's QK^T. Stage 0 always holds
@@ -112,6 +118,9 @@ BARRIER_WG = 6        # 6 + wg: one consumer's zeroed V tail is visible to its W
 HANDOFF_SCALE0, HANDOFF_SCALE1, HANDOFF_P0_READY, HANDOFF_P1_READY, HANDOFF_ROW_SUM = range(5)
 NUM_HANDOFF = 5
 LN2 = math.log(2.0)
+# Lazy rescaling (FlashAttention-4's threshold, log2 units): the reference max moves only when a tile's max
+# exceeds it by more than 2^8, so probabilities stay below 256.
+LAZY_RESCALE_THRESHOLD = 8.0
 L2_EVICT_FIRST = 0x12F0000000000000  # the TMA L2 cache-hint word of the EVICT_FIRST policy (CUTLASS CacheHintSm90)
 
 
@@ -120,7 +129,7 @@ class MlaDecodeSeesaw(MlaDecode):
 
     def __init__(self, dtype, d_qk: int = D_QK, l2_prefetch_blocks: int = 0,
                  regs: tuple = (56, 224), handoff: str = "mbarrier", evict_first_kv: bool = True,
-                 p1_first: bool = False, rescale_threshold: float | None = None):
+                 p1_first: bool = True, rescale_threshold: float | None = LAZY_RESCALE_THRESHOLD):
         assert d_qk == D_QK, "the seesaw schedule keeps P tiles in the RoPE sub-tile: d must be 576"
         self.dtype = dtype
         self.d_qk = d_qk
@@ -132,8 +141,10 @@ class MlaDecodeSeesaw(MlaDecode):
         # schedule "seesaw_no_evict_first" turns it off.
         self.evict_first_kv = evict_first_kv
         # p1_first: consumer 1 hands P1 over (P1_READY) before it rescales O_R, which consumer 0's wait
-        # for P1 does not need. rescale_threshold (log2 units): lazy rescaling, see
+        # for P1 does not need. rescale_threshold (log2 units; None = exact): lazy rescaling, see
         # softmax.online_softmax_step; the O and P0 rescales are skipped by warps whose factors are all 1.
+        # Both on: 1-2.5% faster at small batches (1x64k, 4x32k, 32x2k), within noise at 128 x 16k
+        # (perf/results/2026-11-25-h200-ab-lazy*.csv); schedule "seesaw_exact" turns both off.
         self.p1_first = p1_first
         self.rescale_threshold = rescale_threshold
         # Consumer-to-consumer hand-offs: smem mbarriers ("mbarrier", the default) or named
@@ -634,8 +645,8 @@ class MlaDecodeSeesaw(MlaDecode):
 
 def compile_decode_seesaw(dtype, d_qk: int = D_QK, options: str | None = None,
                           l2_prefetch_blocks: int = 0, regs: tuple = (56, 224), handoff: str = "mbarrier",
-                          evict_first_kv: bool = True, p1_first: bool = False,
-                          rescale_threshold: float | None = None):
+                          evict_first_kv: bool = True, p1_first: bool = True,
+                          rescale_threshold: float | None = LAZY_RESCALE_THRESHOLD):
     """Compile (uncached) the seesaw decode. Use `get_decode_fn(..., schedule="seesaw")`."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
@@ -651,10 +662,8 @@ SCHEDULE_OPTIONS = {
     "seesaw": {},
     "seesaw_named": {"handoff": "named"},
     "seesaw_no_evict_first": {"evict_first_kv": False},
-    "seesaw_p1_first": {"p1_first": True},
-    # Lazy rescaling with FlashAttention-4's threshold: the reference max moves only when a tile's max
-    # exceeds it by more than 2^8.
-    "seesaw_lazy": {"p1_first": True, "rescale_threshold": 8.0},
+    # Exact online softmax (every new max rescales O), P1 handed over after the O_R rescale.
+    "seesaw_exact": {"p1_first": False, "rescale_threshold": None},
 }
 
 
@@ -669,6 +678,6 @@ def compile_configs():
     configs.update({
         f"{name}_d576_{schedule}": partial(compile_decode_seesaw, dt, D_QK, **SCHEDULE_OPTIONS[schedule])
         for name, dt in (("bf16", cutlass.BFloat16), ("fp16", cutlass.Float16))
-        for schedule in ("seesaw_named", "seesaw_no_evict_first", "seesaw_p1_first", "seesaw_lazy")
+        for schedule in ("seesaw_named", "seesaw_no_evict_first", "seesaw_exact")
     })
     return configs
