@@ -204,7 +204,9 @@ def test_out_view_normalises_size_one_strides_only():
 
 
 def test_launch_shape_splits_rows_only_for_small_problems():
-    assert combine.launch_shape(1, 1, 128) == combine.CTA_PER_ROW
+    assert combine.launch_shape(1, 1, 128) == combine.CTA_PER_ROW_DEEP
+    assert combine.launch_shape(2, 1, 128) == combine.CTA_PER_ROW_DEEP
+    assert combine.launch_shape(4, 1, 128) == combine.CTA_PER_ROW
     assert combine.launch_shape(8, 1, 128) == combine.WARP_PER_ROW
     assert combine.launch_shape(128, 1, 16) == combine.WARP_PER_ROW
 
@@ -223,14 +225,16 @@ def test_accumulators_get_canonical_strides():
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.compile
-@pytest.mark.parametrize("config", ["bf16", "fp16", "bf16_cta_per_row", "fp16_cta_per_row"])
+@pytest.mark.parametrize("config", ["bf16", "fp16", "bf16_cta_per_row", "fp16_cta_per_row", "bf16_cta_per_row_deep",
+                                    "fp16_cta_per_row_deep"])
 def test_kernel_compiles_for_sm90a(config):
     report = run_report("cutemla.kernels.combine", config)
     assert report["kernels"] == 1, report
     assert report["spill_bytes"] == 0 and report["stack_bytes"] == 0, report
     assert report["ptxas_warnings"] == [], report
-    # <= 128 registers keeps two 256-thread CTAs per SM.
-    assert 0 < report["registers"][0] <= 128, report
+    # <= 128 registers keeps two 256-thread CTAs (four 128-thread ones) per SM. The deep shape keeps 32 partial
+    # rows in flight per lane instead: <= 168 still fits three of its CTAs per SM (combine.DEEP_ROWS).
+    assert 0 < report["registers"][0] <= (168 if config.endswith("_deep") else 128), report
     ptx = report["ptx"]
     assert ptx["target_sm90a"] == 1 and ptx["local_memory"] == 0, report
     assert ptx["griddepcontrol"] >= 1, report  # PDL wait is on by default
@@ -289,18 +293,21 @@ def test_kernel_matches_torch(b, s_q, h_q, h_kv, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [combine.WARP_PER_ROW, combine.CTA_PER_ROW, combine.CTA_PER_ROW_DEEP])
 @pytest.mark.parametrize("max_splits", [33, 150])
-def test_kernel_many_splits(max_splits):
-    """More than 32 splits per request: the weights come in several 32-lane chunks."""
+def test_kernel_many_splits(max_splits, shape):
+    """More than 32 splits per request: the weights come in several 32-lane chunks; past 128 splits the
+    LSEs no longer all fit the lanes' registers (LSE_REGS) and the rest are read from memory."""
+    fn = combine.compile_combine(torch.bfloat16, True, *shape)
     _check_kernel_against_torch(*_random_partials(3, 1, 64, 1, max_splits, torch.bfloat16, seed=max_splits,
-                                                  min_splits=33))
+                                                  min_splits=33), fn=fn)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [combine.WARP_PER_ROW, combine.CTA_PER_ROW])
+@pytest.mark.parametrize("shape", [combine.WARP_PER_ROW, combine.CTA_PER_ROW, combine.CTA_PER_ROW_DEEP])
 @pytest.mark.parametrize("max_splits", [4, 40])
 def test_kernel_launch_shapes(shape, max_splits):
-    """Both launch shapes on the same problems, whatever `launch_shape` would pick for them."""
+    """Every launch shape on the same problems, whatever `launch_shape` would pick for them."""
     fn = combine.compile_combine(torch.float16, True, *shape)
     _check_kernel_against_torch(*_random_partials(3, 2, 16, 2, max_splits, torch.float16, seed=max_splits), fn=fn)
 

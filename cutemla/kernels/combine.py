@@ -21,7 +21,7 @@ Contract with the decode kernel (tensor shapes, all fp32 unless stated):
 
 Kernel shape: grid ``(ceil(q_seq_per_hk / rows_per_cta), h_kv, b)``, each output row handled by one warp
 (256-thread CTAs, 8 rows each) or, for small problems, by the 4 warps of a 128-thread CTA that split its
-columns (see `launch_shape`). The long dimension is grid x (2^31 - 1 blocks) because FlashMLA once failed
+columns; for the smallest, that CTA keeps more splits in flight ("deep"; see `launch_shape`). The long dimension is grid x (2^31 - 1 blocks) because FlashMLA once failed
 for s_q >= 4096 by putting it in a 65535-limited dimension. Lanes stride over the splits for the max and the
 sum (warp shuffles), so any number of splits works without a MAX_SPLITS template cap. Each lane owns float4
 column slots 128 columns apart, so one warp instruction reads 512 contiguous bytes of a partial row.
@@ -43,7 +43,16 @@ from cutlass import Float32, Int32, const_expr
 HEAD_DIM_V = 512
 VEC = 4  # fp32 elements per 16-byte load
 LOADED_FLOATS_PER_LANE = 64  # partial-row registers a lane keeps in flight (sets splits in flight)
-# Two launch shapes, (threads per CTA, warps per output row), picked per call from the number of rows.
+# The "deep" variant of the CTA-per-row shape, for the fewest rows (b = 1-2 at h_q 128, say):
+# * each lane keeps 128 floats = 32 splits in flight (b = 1 at h_q 128 has 66 splits: 3 rounds of loads, not 5);
+# * the first 32 * LSE_REGS splits' LSEs stay in each lane's registers, loaded once, together, and used by the
+#   max, the sum and the weights (otherwise three chains of dependent global loads).
+# It needs 168 registers (3 CTAs per SM instead of 4), which costs a second wave beyond ~3 rows per SM:
+# on an H200, 1x64k h128 -1.6%, 1x64k h16 -4.7%, but 4x32k h128 (512 rows) +3.5% and 32x2k h16 (512 rows) +8%
+# (perf/results/2026-11-25-h200-ab-combine-deep.csv), hence DEEP_ROWS.
+LOADED_FLOATS_PER_LANE_DEEP = 128
+LSE_REGS = 4
+# Launch shapes, (threads per CTA, warps per output row[, deep]), picked per call from the number of rows.
 # Measured on an H100 (bf16, CUDA graphs):
 #   b=1,  h_q=128, 66 splits:  warp per row 12.6 us (1.4 TB/s), CTA per row 6.3 us (2.8 TB/s)
 #   b=128, h_q=128, 2 splits:  warp per row 33.2 us (2.5 TB/s), CTA per row 75 us (1.1 TB/s)
@@ -51,7 +60,9 @@ LOADED_FLOATS_PER_LANE = 64  # partial-row registers a lane keeps in flight (set
 # Many rows: one warp per row, so the LSE reduction (redone by every warp of a row) is not repeated.
 WARP_PER_ROW = (256, 1)
 CTA_PER_ROW = (128, 4)
+CTA_PER_ROW_DEEP = (128, 4, True)
 FEW_ROWS = 1024  # below this many (request, kv head, row) triples, use CTA_PER_ROW
+DEEP_ROWS = 256  # at most this many: CTA_PER_ROW_DEEP (one wave at 3 CTAs per SM on 100+ SMs)
 THREADS_PER_CTA, WARPS_PER_ROW = WARP_PER_ROW  # MlaCombine's defaults
 MAX_GRID_YZ = 65535  # CUDA's limit on grid y and z
 # The decode kernel launches with PDL and the combine waits on griddepcontrol before reading anything.
@@ -72,7 +83,7 @@ class MlaCombine:
     """
 
     def __init__(self, dtype, use_pdl: bool = USE_PDL_DEFAULT, threads: int = THREADS_PER_CTA,
-                 warps_per_row: int = WARPS_PER_ROW):
+                 warps_per_row: int = WARPS_PER_ROW, deep: bool = False):
         if threads % (32 * warps_per_row) != 0 or HEAD_DIM_V % (32 * VEC * warps_per_row) != 0:
             raise ValueError(f"unsupported combine config: threads={threads}, warps_per_row={warps_per_row}")
         self.dtype = dtype
@@ -82,8 +93,10 @@ class MlaCombine:
         self.rows_per_cta = threads // 32 // warps_per_row
         self.cols_per_warp = HEAD_DIM_V // warps_per_row
         self.slots = self.cols_per_warp // (32 * VEC)  # float4 slots per lane, 128 columns apart
+        self.deep = deep  # see LOADED_FLOATS_PER_LANE_DEEP
         # Partial rows a warp loads before accumulating any: a power of two dividing 32 (see kernel).
-        self.splits_in_flight = min(32, LOADED_FLOATS_PER_LANE // (VEC * self.slots))
+        floats = LOADED_FLOATS_PER_LANE_DEEP if deep else LOADED_FLOATS_PER_LANE
+        self.splits_in_flight = min(32, floats // (VEC * self.slots))
 
     @cute.jit
     def __call__(
@@ -132,14 +145,30 @@ class MlaCombine:
         n_splits = mNumSplits[batch + 1] - split_begin
         # n_splits <= 1: the decode kernel already wrote this request's out and lse.
         if row < q_seq_per_hk and n_splits > 1:
+            # Splits j = lane, lane + 32, ...; with deep, the first LSE_REGS of them from registers (-inf
+            # past the end), all loaded at once.
+            first_loaded = lane
+            if const_expr(self.deep):
+                lse_regs = cute.make_rmem_tensor(LSE_REGS, Float32)
+                for i in cutlass.range_constexpr(LSE_REGS):
+                    lse_regs[i] = Float32(-math.inf)
+                    if lane + 32 * i < n_splits:
+                        lse_regs[i] = mLseAccum[split_begin + lane + 32 * i, head_kv, row]
+                first_loaded = lane + 32 * LSE_REGS
             lse_max = Float32(-math.inf)
-            for j in cutlass.range(lane, n_splits, 32, unroll=1):
+            if const_expr(self.deep):
+                for i in cutlass.range_constexpr(LSE_REGS):
+                    lse_max = cute.arch.fmax(lse_max, lse_regs[i])
+            for j in cutlass.range(first_loaded, n_splits, 32, unroll=1):
                 lse_max = cute.arch.fmax(lse_max, mLseAccum[split_begin + j, head_kv, row])
             lse_max = cute.arch.warp_reduction_max(lse_max)
             # All splits empty: shift by 0 so exp2(-inf - shift) stays 0 instead of NaN.
             shift = cutlass.select_(lse_max == Float32(-math.inf), Float32(0.0), lse_max)
             total = Float32(0.0)
-            for j in cutlass.range(lane, n_splits, 32, unroll=1):
+            if const_expr(self.deep):
+                for i in cutlass.range_constexpr(LSE_REGS):
+                    total += cute.math.exp2(lse_regs[i] - shift, fastmath=True)
+            for j in cutlass.range(first_loaded, n_splits, 32, unroll=1):
                 total += cute.math.exp2(mLseAccum[split_begin + j, head_kv, row] - shift, fastmath=True)
             total = cute.arch.warp_reduction_sum(total)
             lse2 = cute.math.log2(total, fastmath=True) + shift
@@ -155,7 +184,16 @@ class MlaCombine:
             for chunk in cutlass.range(0, n_splits, 32, unroll=1):
                 weight = Float32(0.0)
                 if chunk + lane < n_splits:
-                    weight = cute.math.exp2(mLseAccum[split_begin + chunk + lane, head_kv, row] - lse2, fastmath=True)
+                    if const_expr(self.deep):
+                        lse_j = lse_regs[0]
+                        for i in cutlass.range_constexpr(1, LSE_REGS):
+                            lse_j = cutlass.select_(chunk == 32 * i, lse_regs[i], lse_j)
+                        if chunk >= 32 * LSE_REGS:
+                            lse_j = mLseAccum[split_begin + chunk + lane, head_kv, row]
+                        weight = cute.math.exp2(lse_j - lse2, fastmath=True)
+                    else:
+                        weight = cute.math.exp2(mLseAccum[split_begin + chunk + lane, head_kv, row] - lse2,
+                                                fastmath=True)
                 chunk_len = cutlass.min(n_splits - chunk, 32)
                 for first in cutlass.range(0, chunk_len, self.splits_in_flight, unroll=1):
                     for u in cutlass.range_constexpr(self.splits_in_flight):
@@ -234,8 +272,9 @@ def _fake_arguments(dtype_name: str):
 
 
 def _compile(dtype_name: str, use_pdl: bool, options: str, threads: int = THREADS_PER_CTA,
-             warps_per_row: int = WARPS_PER_ROW):
-    kernel = MlaCombine(_CUTLASS_DTYPES[dtype_name], use_pdl=use_pdl, threads=threads, warps_per_row=warps_per_row)
+             warps_per_row: int = WARPS_PER_ROW, deep: bool = False):
+    kernel = MlaCombine(_CUTLASS_DTYPES[dtype_name], use_pdl=use_pdl, threads=threads, warps_per_row=warps_per_row,
+                        deep=deep)
     return cute.compile(kernel, *_fake_arguments(dtype_name), jit.fake_stream(), options=options)
 
 
@@ -248,16 +287,17 @@ def _dtype_name(dtype) -> str:
 
 
 def compile_combine(dtype, use_pdl: bool = USE_PDL_DEFAULT, threads: int = THREADS_PER_CTA,
-                    warps_per_row: int = WARPS_PER_ROW) -> Callable:
+                    warps_per_row: int = WARPS_PER_ROW, deep: bool = False) -> Callable:
     """The compiled combine for output `dtype` (torch.bfloat16/float16 or 'bf16'/'fp16'), cached.
 
     Call it as ``fn(o_accum, lse_accum, num_splits, out, lse)`` with CUDA torch tensors; it launches on
     torch's current stream (TVM-FFI env stream) and returns nothing.
     """
     name = _dtype_name(dtype)
-    key = (name, bool(use_pdl), int(threads), int(warps_per_row))
+    key = (name, bool(use_pdl), int(threads), int(warps_per_row)) + ((True,) if deep else ())
     return jit.compile_cache.get(
-        "combine", key, lambda: _compile(name, bool(use_pdl), jit.COMPILE_OPTIONS, int(threads), int(warps_per_row))
+        "combine", key, lambda: _compile(name, bool(use_pdl), jit.COMPILE_OPTIONS, int(threads), int(warps_per_row),
+                                         bool(deep))
     )
 
 
@@ -265,15 +305,19 @@ def compile_configs() -> dict[str, Callable[[str], object]]:
     """CI configs for `cutemla.kernels.ptx_report`: name -> compile(options)."""
     configs = {}
     for name in _CUTLASS_DTYPES:
-        for suffix, (threads, warps_per_row) in (("", WARP_PER_ROW), ("_cta_per_row", CTA_PER_ROW)):
-            configs[name + suffix] = (lambda options, name=name, threads=threads, warps_per_row=warps_per_row:
-                                      _compile(name, USE_PDL_DEFAULT, options, threads, warps_per_row))
+        for suffix, shape in (("", WARP_PER_ROW), ("_cta_per_row", CTA_PER_ROW),
+                              ("_cta_per_row_deep", CTA_PER_ROW_DEEP)):
+            configs[name + suffix] = (lambda options, name=name, shape=shape:
+                                      _compile(name, USE_PDL_DEFAULT, options, *shape))
     return configs
 
 
-def launch_shape(b: int, h_kv: int, q_seq_per_hk: int) -> tuple[int, int]:
-    """(threads per CTA, warps per row) for a problem of b * h_kv * q_seq_per_hk output rows."""
-    return CTA_PER_ROW if b * h_kv * q_seq_per_hk < FEW_ROWS else WARP_PER_ROW
+def launch_shape(b: int, h_kv: int, q_seq_per_hk: int) -> tuple:
+    """(threads per CTA, warps per row[, deep]) for a problem of b * h_kv * q_seq_per_hk output rows."""
+    rows = b * h_kv * q_seq_per_hk
+    if rows <= DEEP_ROWS:
+        return CTA_PER_ROW_DEEP
+    return CTA_PER_ROW if rows < FEW_ROWS else WARP_PER_ROW
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,8 +413,7 @@ def combine_kernel_for(dtype, b: int, h_kv: int, rows: int) -> Callable | None:
     if b > MAX_GRID_YZ or h_kv > MAX_GRID_YZ:
         raise ValueError(f"the combine grid puts b ({b}) in z and h_kv ({h_kv}) in y: each must be at most "
                          f"{MAX_GRID_YZ}")
-    threads, warps_per_row = launch_shape(b, h_kv, rows)
-    return compile_combine(dtype, USE_PDL_DEFAULT, threads, warps_per_row)
+    return compile_combine(dtype, USE_PDL_DEFAULT, *launch_shape(b, h_kv, rows))
 
 
 def launch_combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, num_splits: torch.Tensor,

@@ -29,7 +29,7 @@ def warmup(dtypes=("bf16", "fp16"), head_dims=(576, 512), schedules=(DEFAULT_SCH
     several M tiles per KV head; a list builds exactly those prefetch depths.
     """
     from . import _dsl_dtype, decode_variant
-    from .combine import compile_combine
+    from .combine import CTA_PER_ROW, CTA_PER_ROW_DEEP, USE_PDL_DEFAULT, WARP_PER_ROW, compile_combine
     from .decode import get_decode_fn
     from ..schedule.device import get_sched_meta_fn
 
@@ -57,9 +57,9 @@ def warmup(dtypes=("bf16", "fp16"), head_dims=(576, 512), schedules=(DEFAULT_SCH
             for schedule, prefetch in variants(d):
                 timed(f"decode-{name}-d{d}-{schedule}-pf{prefetch}",
                       lambda: get_decode_fn(_dsl_dtype(dt), d, schedule, prefetch))
-        for threads, warps_per_row in ((256, 1), (128, 4)):
-            timed(f"combine-{name}-{threads}x{warps_per_row}",
-                  lambda: compile_combine(dt, threads=threads, warps_per_row=warps_per_row))
+        for shape in (WARP_PER_ROW, CTA_PER_ROW, CTA_PER_ROW_DEEP):
+            timed(f"combine-{name}-{'x'.join(map(str, shape[:2]))}{'-deep' if len(shape) > 2 else ''}",
+                  lambda: compile_combine(dt, USE_PDL_DEFAULT, *shape))
     timed("sched_meta", lambda: get_sched_meta_fn())
     if fp8:  # the kernels flash_mla_with_kvcache(..., is_fp8_kvcache=True) launches by default
         from .dense_fp8_decode import get_dense_fp8_decode_fn
