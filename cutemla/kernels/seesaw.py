@@ -143,8 +143,8 @@ class MlaDecodeSeesaw(MlaDecode):
         # p1_first: consumer 1 hands P1 over (P1_READY) before it rescales O_R, which consumer 0's wait
         # for P1 does not need. rescale_threshold (log2 units; None = exact): lazy rescaling, see
         # softmax.online_softmax_step; the O and P0 rescales are skipped by warps whose factors are all 1.
-        # Both on: 1-2.5% faster at small batches (1x64k, 4x32k, 32x2k), within noise at 128 x 16k
-        # (perf/results/2026-11-25-h200-ab-lazy*.csv); schedule "seesaw_exact" turns both off.
+        # Both on: 1-2% faster at small batches and h16/h64, 4-9% at 128 x h128, in the best, median and
+        # worst of 3 captures (perf/results/2026-11-25-h200-ab-lazy-captures.csv); "seesaw_exact" turns both off.
         self.p1_first = p1_first
         self.rescale_threshold = rescale_threshold
         # Consumer-to-consumer hand-offs: smem mbarriers ("mbarrier", the default) or named
@@ -437,7 +437,7 @@ class MlaDecodeSeesaw(MlaDecode):
             if const_expr(self.rescale_threshold is None):
                 sm.rescale_rows(acc_S, rescale)
                 rP.store(acc_S.load().to(self.dtype))
-            elif cute.arch.vote_any_sync(rescale[0] != 1.0 or rescale[1] != 1.0):
+            elif sm.warp_needs_rescale(rescale):
                 sm.rescale_rows(acc_S, rescale)  # else rP still holds P0 at m0 = m1
                 rP.store(acc_S.load().to(self.dtype))
             cute.autovec_copy(rP, tPsP[None, None, None, 0])

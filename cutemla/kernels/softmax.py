@@ -119,10 +119,16 @@ def rescale_rows(acc_O: cute.Tensor, rescale: cute.Tensor):
 
 
 @cute.jit
+def warp_needs_rescale(rescale: cute.Tensor):
+    """Whether any factor of the warp's rows differs from 1 (a warp vote, so a skip is warp-uniform: lazy
+    rescaling, online_softmax_step's threshold, makes "no" the common case)."""
+    return cute.arch.vote_any_sync(rescale[0] != 1.0 or rescale[1] != 1.0)
+
+
+@cute.jit
 def rescale_rows_if_needed(acc_O: cute.Tensor, rescale: cute.Tensor):
-    """rescale_rows, skipped when every factor of the warp's rows is exactly 1 (a warp vote, so the
-    skip is uniform: lazy rescaling, online_softmax_step's threshold, makes that the common case)."""
-    if cute.arch.vote_any_sync(rescale[0] != 1.0 or rescale[1] != 1.0):
+    """rescale_rows, skipped when every factor of the warp's rows is exactly 1."""
+    if warp_needs_rescale(rescale):
         rescale_rows(acc_O, rescale)
 
 
