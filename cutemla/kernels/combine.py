@@ -21,8 +21,9 @@ Contract with the decode kernel (tensor shapes, all fp32 unless stated):
 
 Kernel shape: grid ``(ceil(q_seq_per_hk / rows_per_cta), h_kv, b)``, each output row handled by one warp
 (256-thread CTAs, 8 rows each) or, for small problems, by the 4 warps of a 128-thread CTA that split its
-columns; for the smallest, that CTA keeps more splits in flight ("deep"; see `launch_shape`). The long dimension is grid x (2^31 - 1 blocks) because FlashMLA once failed
-for s_q >= 4096 by putting it in a 65535-limited dimension. Lanes stride over the splits for the max and the
+columns; for the smallest, that CTA keeps more splits in flight ("deep"; see `launch_shape`). The long
+dimension is grid x (2^31 - 1 blocks) because FlashMLA once failed for s_q >= 4096 by putting it in a
+65535-limited dimension. Lanes stride over the splits for the max and the
 sum (warp shuffles), so any number of splits works without a MAX_SPLITS template cap. Each lane owns float4
 column slots 128 columns apart, so one warp instruction reads 512 contiguous bytes of a partial row.
 """
