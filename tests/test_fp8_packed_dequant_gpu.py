@@ -1,4 +1,5 @@
-"""The packed-dequant producer (configs *_packed) gives the same bits as the default producer, on an sm90 GPU.
+"""The packed-dequant producer (configs *_packed, the defaults) gives the same bits as the unpacked one, on an
+sm90 GPU.
 
 Both variants share the consumers, so identical K tiles give identical outputs: out and lse are compared as raw
 bits (NaN payloads included). The caches hold every e4m3 code except the two NaN codes in every byte position,
