@@ -108,8 +108,10 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5, captures=1):
             us = min(per_capture)
             rows.append(dict(case=f"{b}x{s_q}x{s_k}:h{h_q}" + (",varlen" if varlen else ""),
                              variant=variant, us=round(us, 2), tflops=round(flops / us / 1e6, 1),
-                             gbps=round(nbytes / us / 1e3), us_median_capture=round(float(pd.Series(per_capture).median()), 2),
-                             us_max_capture=round(max(per_capture), 2), captures=captures))
+                             gbps=round(nbytes / us / 1e3),
+                             us_median_capture=round(float(pd.Series(per_capture).median()), 2),
+                             us_max_capture=round(max(per_capture), 2), captures=captures,
+                             device=torch.cuda.get_device_name()))  # timings compare only on one device
             print(rows[-1], file=sys.stderr, flush=True)
         data = meta = num_splits = plans = graphs = None  # free the inputs before the next case
         torch.cuda.empty_cache()
