@@ -295,7 +295,7 @@ def compile_combine(dtype, use_pdl: bool = USE_PDL_DEFAULT, threads: int = THREA
     torch's current stream (TVM-FFI env stream) and returns nothing.
     """
     name = _dtype_name(dtype)
-    key = (name, bool(use_pdl), int(threads), int(warps_per_row)) + ((True,) if deep else ())
+    key = (name, bool(use_pdl), int(threads), int(warps_per_row), bool(deep))
     return jit.compile_cache.get(
         "combine", key, lambda: _compile(name, bool(use_pdl), jit.COMPILE_OPTIONS, int(threads), int(warps_per_row),
                                          bool(deep))

@@ -116,13 +116,9 @@ class MlaDenseDecodeFp8(MlaSparseDecodeFp8):
                 pipe_kv.producer_acquire(kv_state)
                 if lane == 0:
                     sValid[warp, stage] = bits
-                if const_expr(self.lane_rows):  # each lane's row address, once per tile
-                    row_addr = self.lane_row(mKV, idx, PAGE_SIZE)
-                    for j0 in cutlass.range_constexpr(0, TOKENS_PER_WARP, self.tokens_in_flight):
-                        self.gather_dequant(mKV, sK, row_addr, bits, PAGE_SIZE, stage, warp, lane, j0)
-                else:
-                    for j0 in cutlass.range_constexpr(0, TOKENS_PER_WARP, self.tokens_in_flight):
-                        self.gather_dequant(mKV, sK, idx, bits, PAGE_SIZE, stage, warp, lane, j0)
+                token_rows = self.lane_row(mKV, idx, PAGE_SIZE)  # with lane_rows, each lane's row address
+                for j0 in cutlass.range_constexpr(0, TOKENS_PER_WARP, self.tokens_in_flight):
+                    self.gather_dequant(mKV, sK, token_rows, bits, PAGE_SIZE, stage, warp, lane, j0)
                 cute.arch.fence_view_async_shared()  # generic stores -> visible to WGMMA (async proxy)
                 pipe_kv.producer_commit(kv_state)
                 kv_state.advance()

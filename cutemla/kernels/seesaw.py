@@ -434,11 +434,8 @@ class MlaDecodeSeesaw(MlaDecode):
                 rescale[r] = sScale[tile_row + 8 * r, 1]
                 row_max[r] = sRowMax[tile_row + 8 * r]
                 row_sum[r] = row_sum[r] * rescale[r]
-            if const_expr(self.rescale_threshold is None):
+            if self.needs_rescale(rescale):  # else rP still holds P0 at m0 = m1
                 sm.rescale_rows(acc_S, rescale)
-                rP.store(acc_S.load().to(self.dtype))
-            elif sm.warp_needs_rescale(rescale):
-                sm.rescale_rows(acc_S, rescale)  # else rP still holds P0 at m0 = m1
                 rP.store(acc_S.load().to(self.dtype))
             cute.autovec_copy(rP, tPsP[None, None, None, 0])
             cute.arch.fence_view_async_shared()
@@ -548,12 +545,18 @@ class MlaDecodeSeesaw(MlaDecode):
         return fills0, fills1
 
     @cute.jit
-    def rescale_o(self, acc_O, rescale):
-        """O *= the per-row factors; with lazy rescaling only in warps where a factor is not 1."""
+    def needs_rescale(self, rescale):
+        """Whether this warp applies the factors: always with exact rescaling; with lazy rescaling only
+        when one of its rows' factors is not 1 (softmax.warp_needs_rescale)."""
         if const_expr(self.rescale_threshold is None):
+            return True
+        return sm.warp_needs_rescale(rescale)
+
+    @cute.jit
+    def rescale_o(self, acc_O, rescale):
+        """O *= the per-row factors (see needs_rescale)."""
+        if self.needs_rescale(rescale):
             sm.rescale_rows(acc_O, rescale)
-        else:
-            sm.rescale_rows_if_needed(acc_O, rescale)
 
     def handoff_count(self, index: int) -> int:
         """Arrival count of hand-off mbarrier `index`: one consumer warpgroup's threads, both

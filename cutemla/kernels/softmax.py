@@ -126,13 +126,6 @@ def warp_needs_rescale(rescale: cute.Tensor):
 
 
 @cute.jit
-def rescale_rows_if_needed(acc_O: cute.Tensor, rescale: cute.Tensor):
-    """rescale_rows, skipped when every factor of the warp's rows is exactly 1."""
-    if warp_needs_rescale(rescale):
-        rescale_rows(acc_O, rescale)
-
-
-@cute.jit
 def exchange_row_max(block_max: cute.Tensor, sRowMax: cute.Tensor, tile_row, wg, quad_leader,
                      barrier_id: cutlass.Constexpr[int]) -> cute.Tensor:
     """Row maxima of a tile whose keys two consumer warpgroups split: publish this warpgroup's in

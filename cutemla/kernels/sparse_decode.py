@@ -340,13 +340,8 @@ class MlaSparseDecodeFp8:
         return rows
 
     @cute.jit
-    def shuffle_row(self, rows, j):
-        """Lane j's `rows` (from lane_row), to every lane: shuffle outside any branch on the token."""
-        return cute.arch.shuffle_sync(rows, j)
-
-    @cute.jit
     def token_row(self, mKV, tok, page_size):
-        """The 656-byte row of a shuffled token (`shuffle_row`)."""
+        """The 656-byte row of lane j's `lane_row` value, shuffled to every lane outside any branch."""
         if const_expr(self.lane_rows):
             # Row addresses are 16-byte aligned: the token stride is 656 = 41 * 16, blocks 16-byte multiples.
             row = cute.make_tensor(cute.make_ptr(Uint8, tok, mKV.iterator.memspace, assumed_align=16),
@@ -364,7 +359,7 @@ class MlaSparseDecodeFp8:
             slot = rep * 32 + lane  # 96 (token, line) pairs
             j = slot // 6
             line = slot - j * 6
-            tok = self.shuffle_row(rows, j)
+            tok = cute.arch.shuffle_sync(rows, j)
             valid = cute.arch.shuffle_sync(Int32(ok), j)
             if valid != 0:
                 row = self.token_row(mKV, tok, page_size)
@@ -384,7 +379,7 @@ class MlaSparseDecodeFp8:
         rope.fill(0)
         for u in cutlass.range_constexpr(U):
             j = j0 + u
-            tok = self.shuffle_row(rows, j)
+            tok = cute.arch.shuffle_sync(rows, j)
             if (bits >> j) & 1 != 0:
                 row = self.token_row(mKV, tok, page_size)
                 cute.autovec_copy(cute.local_tile(row, (16,), (lane,)), nope[None, u])
