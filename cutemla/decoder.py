@@ -180,30 +180,27 @@ class MLADecoder:
         if not isinstance(q, torch.Tensor) or q.shape != self._expect_q:
             raise ValueError(f"q must be {list(self._expect_q)} ([b, s_q, h_q, head_dim] of the plan), got "
                              f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
-        if q.dtype is not self.dtype:
-            raise TypeError(f"q must be {self.dtype}, got {q.dtype}")
-        if q.device != self.device:
-            raise ValueError(f"q is on {q.device}, the decoder on {self.device}")
+        self._check_dtype_device("q", q, self.dtype)
 
     def _check_block_table(self, block_table, batch: int) -> None:
         if (not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != batch
                 or block_table.shape[1] > self.max_blocks_per_seq):
             raise ValueError(f"block_table must be [b={batch}, <= max_blocks_per_seq={self.max_blocks_per_seq}], "
                              f"got {tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else block_table}")
-        if block_table.dtype is not torch.int32:
-            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
-        if block_table.device != self.device:
-            raise ValueError(f"block_table is on {block_table.device}, the decoder on {self.device}")
+        self._check_dtype_device("block_table", block_table, torch.int32, "int32")
 
     def _check_kv_cache(self, kv_cache) -> None:  # returns None: the reference path has no launches
         expect_kv = (self.page_size, self.h_kv, self.head_dim)
         if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 4 or tuple(kv_cache.shape[1:]) != expect_kv:
             raise ValueError(f"kv_cache must be [num_blocks, {', '.join(map(str, expect_kv))}], got "
                              f"{tuple(kv_cache.shape) if isinstance(kv_cache, torch.Tensor) else type(kv_cache).__name__}")
-        if kv_cache.dtype != self.dtype:
-            raise TypeError(f"kv_cache must be {self.dtype}, got {kv_cache.dtype}")
-        if kv_cache.device != self.device:
-            raise ValueError(f"kv_cache is on {kv_cache.device}, the decoder on {self.device}")
+        self._check_dtype_device("kv_cache", kv_cache, self.dtype)
+
+    def _check_dtype_device(self, name: str, t: torch.Tensor, dtype: torch.dtype, dtype_name=None) -> None:
+        if t.dtype is not dtype:  # torch dtypes are singletons
+            raise TypeError(f"{name} must be {dtype_name or dtype}, got {t.dtype}")
+        if t.device != self.device:
+            raise ValueError(f"{name} is on {t.device}, the decoder on {self.device}")
 
     _MAX_CACHED_LAUNCHES = 1024  # KV caches remembered (a model has one per layer); then start over
 

@@ -26,6 +26,7 @@ __all__ = [
     "PEAKS",
     "ProfileReport",
     "Timing",
+    "capture_cuda_graph",
     "classify_kernel",
     "device_peaks",
     "kernel_stage_times",
@@ -168,13 +169,10 @@ def time_cuda_events(fns: Sequence[Callable[[], object]], trials: int = 10, repl
     return Timing.from_samples(samples, "events")
 
 
-def time_cuda_graph(fns: Sequence[Callable[[], object]], trials: int = 10, replays: int = 50) -> Timing:
-    """One CUDA graph holding one call per input copy, replayed ``replays`` times per trial.
-
-    The calls are first run on a side stream (compiling or loading kernels and settling allocations outside
-    the capture), as torch's graph docs require. Each sample is the replay time divided by the calls per
-    replay, so host launch overhead is gone and what is left is GPU time including launch gaps.
-    """
+def capture_cuda_graph(fns: Sequence[Callable[[], object]]) -> "torch.cuda.CUDAGraph":
+    """One CUDA graph of the calls, replayed once (the first replay uploads it). The calls first run on a
+    side stream (compiling or loading kernels and settling allocations outside the capture), as torch's
+    graph docs require."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -186,8 +184,17 @@ def time_cuda_graph(fns: Sequence[Callable[[], object]], trials: int = 10, repla
     with torch.cuda.graph(graph):
         for fn in fns:
             fn()
-    graph.replay()  # first replay uploads the graph; keep it out of the samples
+    graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def time_cuda_graph(fns: Sequence[Callable[[], object]], trials: int = 10, replays: int = 50) -> Timing:
+    """One CUDA graph holding one call per input copy (`capture_cuda_graph`), replayed ``replays`` times per
+    trial. Each sample is the replay time divided by the calls per replay, so host launch overhead is gone
+    and what is left is GPU time including launch gaps.
+    """
+    graph = capture_cuda_graph(fns)
     samples = []
     for _ in range(trials):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -25,6 +25,7 @@ import sys
 import pandas as pd
 import torch
 
+from cutemla.profile import capture_cuda_graph
 from cutemla.testing import DecodeCase, decode_bytes, decode_flops, make_decode_inputs
 
 # (b, s_q, s_k, h_q, varlen): the cases of the performance issue plus a few neighbours.
@@ -33,22 +34,6 @@ FOCUS_CASES = [
     (128, 2, 8192, 128, True), (1, 1, 65536, 128, False), (1, 1, 65536, 16, False),
     (4, 1, 32768, 128, False), (32, 1, 2048, 16, False), (32, 1, 2048, 128, False),
 ]
-
-
-def capture_graph(call):
-    """One CUDA graph of `call` (run once on a side stream first, as torch's graph docs require)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    graph.replay()  # the first replay uploads the graph; keep it out of the samples
-    torch.cuda.synchronize()
-    return graph
 
 
 def time_interleaved(graphs: dict, trials: int, replays: int) -> dict:
@@ -100,7 +85,7 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5, captures=1):
                 return run_dense_decode(data.q, data.kcache, data.block_table, data.cache_seqlens,
                                         meta, num_splits, 576 ** -0.5, False, schedule)
 
-            graphs[(variant, capture)] = capture_graph(call)
+            graphs[(variant, capture)] = capture_cuda_graph([call])
         os.environ.pop("CUTEMLA_L2_PREFETCH", None)
         timed = time_interleaved(graphs, trials, replays)
         for variant in variants:

@@ -25,6 +25,7 @@ import torch
 import cutemla
 from cutemla import interface, kernels, ops
 from cutemla.decoder import MLADecoder
+from cutemla.profile import capture_cuda_graph
 
 OLD_STYLE = "flash_mla_with_kvcache (old-style meta, num_splits)"
 
@@ -122,10 +123,7 @@ def measure_cuda(iters: int = 5000) -> dict:
         results[name] = _time_per_call(fn, iters)
         torch.cuda.synchronize()
     # GPU time of one call, to show the loop above was host-bound
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        calls[OLD_STYLE]()
-    graph.replay()
+    graph = capture_cuda_graph([calls[OLD_STYLE]])
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(200):
