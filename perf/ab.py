@@ -103,6 +103,24 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5, captures=1):
     return pd.DataFrame(rows)
 
 
+def parse_case(spec: str):
+    """``"32x1x2048:h16"`` -> (b, s_q, s_k, h_q, varlen): a FOCUS_CASES entry by name (varlen as listed there),
+    or any case, fixed length unless the spec ends in ``,varlen``."""
+    for case in FOCUS_CASES:
+        if spec == f"{case[0]}x{case[1]}x{case[2]}:h{case[3]}":
+            return case
+    shape, _, rest = spec.partition(":h")
+    heads, _, flag = rest.partition(",")
+    try:
+        b, s_q, s_k = (int(x) for x in shape.split("x"))
+        h_q = int(heads)
+    except ValueError:
+        raise SystemExit(f"--cases: {spec!r} is not BxSQxSK:hH[,varlen]") from None
+    if flag not in ("", "varlen"):
+        raise SystemExit(f"--cases: {spec!r}: the only flag is ',varlen'")
+    return (b, s_q, s_k, h_q, flag == "varlen")
+
+
 def parse_scheduler_settings(settings):
     """``["sms=66", "o=3"]`` -> (num_sms or None, fixed_overhead_num_blocks or None)."""
     values = {"sms": None, "o": None}
@@ -117,8 +135,9 @@ def parse_scheduler_settings(settings):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=["pipelined:auto", "split_s:auto"])
-    parser.add_argument("--cases", nargs="+", default=None, metavar="BxSQxSK:hH",
-                        help="only these FOCUS_CASES, e.g. 1x1x65536:h128 (default: all)")
+    parser.add_argument("--cases", nargs="+", default=None, metavar="BxSQxSK:hH[,varlen]",
+                        help="these cases instead of FOCUS_CASES, e.g. 1x1x65536:h128 or 16x1x8192:h16,varlen "
+                             "(a FOCUS_CASES name keeps its varlen flag)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--trials", type=int, default=5)
@@ -126,12 +145,7 @@ def main(argv=None):
                         help="capture each variant this many times (round robin) and report the best capture "
                              "(us) and the median and worst (identical graphs differ by up to 10%% at 128 x h128)")
     args = parser.parse_args(argv)
-    cases = FOCUS_CASES
-    if args.cases:
-        cases = [c for c in FOCUS_CASES if f"{c[0]}x{c[1]}x{c[2]}:h{c[3]}" in args.cases]
-        if len(cases) != len(args.cases):
-            raise SystemExit(f"--cases: unknown case in {args.cases}; known: "
-                             + ", ".join(f"{c[0]}x{c[1]}x{c[2]}:h{c[3]}" for c in FOCUS_CASES))
+    cases = [parse_case(spec) for spec in args.cases] if args.cases else FOCUS_CASES
     frame = run(args.variants, cases, replays=args.replays, trials=args.trials, captures=args.captures)
     if args.out:
         frame.to_csv(args.out, index=False)

@@ -42,7 +42,7 @@ def test_decode_has_no_spills_or_serialisation(decode_report):
 
 
 SEESAW_CONFIGS = ["bf16_d576_seesaw", "fp16_d576_seesaw", "bf16_d576_seesaw_pf", "bf16_d576_seesaw_named",
-                  "bf16_d576_seesaw_exact"]
+                  "bf16_d576_seesaw_exact", "bf16_d576_seesaw_r224"]
 
 
 @pytest.fixture(scope="module", params=SEESAW_CONFIGS)

@@ -220,8 +220,8 @@ def run_dense_decode(q, kcache, block_table, cache_seqlens, tile_scheduler_metad
     cache_seqlens [b] int32; metadata from cutemla.schedule. Returns (out [b, s_q, h_q, 512] in q's
     dtype, lse [b, h_q, s_q] fp32 natural log). No host sync; allocations depend only on shapes.
     schedule: the decode kernel's consumer loop ("seesaw", "pipelined" or "split_s"; experiments:
-    "seesaw_exact", "seesaw_named", "seesaw_no_evict_first"); default CUTEMLA_DECODE_SCHEDULE or DEFAULT_SCHEDULE (see
-    decode_variant).
+    "seesaw_exact", "seesaw_named", "seesaw_no_evict_first", "seesaw_r224"); default CUTEMLA_DECODE_SCHEDULE or
+    DEFAULT_SCHEDULE (see decode_variant).
     """
     decode, decode_args, combine, combine_args, out, lse = prepare_dense_decode(
         q, kcache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, softmax_scale, causal,

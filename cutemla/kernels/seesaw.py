@@ -121,6 +121,12 @@ LN2 = math.log(2.0)
 # Lazy rescaling (FlashAttention-4's threshold, log2 units): the reference max moves only when a tile's max
 # exceeds it by more than 2^8, so probabilities stay below 256.
 LAZY_RESCALE_THRESHOLD = 8.0
+# setmaxnreg split (producer, consumer): the producer warps at setmaxnreg's minimum and 240 registers per consumer
+# thread (FA3's split for two consumer warpgroups); 128 * 24 + 256 * 240 = 168 * 384, the launch's budget. ptxas
+# uses them (highest register R237, was R221). Against (56, 224) ("seesaw_r224") on an H100: 1-2% faster at small
+# batches, 5-6% at 128 x h128 in the best of 2 captures (perf/results/2026-11-26-h100-ab-regs.csv), geomean 1% over
+# the flashmla preset (2026-11-26-h100-parity.csv against -parity-r224.csv).
+SEESAW_REGS = (24, 240)
 L2_EVICT_FIRST = 0x12F0000000000000  # the TMA L2 cache-hint word of the EVICT_FIRST policy (CUTLASS CacheHintSm90)
 
 
@@ -128,7 +134,7 @@ class MlaDecodeSeesaw(MlaDecode):
     """Split-KV MLA decode, seesaw schedule. Same call signature and outputs as MlaDecode."""
 
     def __init__(self, dtype, d_qk: int = D_QK, l2_prefetch_blocks: int = 0,
-                 regs: tuple = (56, 224), handoff: str = "mbarrier", evict_first_kv: bool = True,
+                 regs: tuple = SEESAW_REGS, handoff: str = "mbarrier", evict_first_kv: bool = True,
                  p1_first: bool = True, rescale_threshold: float | None = LAZY_RESCALE_THRESHOLD):
         assert d_qk == D_QK, "the seesaw schedule keeps P tiles in the RoPE sub-tile: d must be 576"
         self.dtype = dtype
@@ -647,7 +653,7 @@ class MlaDecodeSeesaw(MlaDecode):
 
 
 def compile_decode_seesaw(dtype, d_qk: int = D_QK, options: str | None = None,
-                          l2_prefetch_blocks: int = 0, regs: tuple = (56, 224), handoff: str = "mbarrier",
+                          l2_prefetch_blocks: int = 0, regs: tuple = SEESAW_REGS, handoff: str = "mbarrier",
                           evict_first_kv: bool = True, p1_first: bool = True,
                           rescale_threshold: float | None = LAZY_RESCALE_THRESHOLD):
     """Compile (uncached) the seesaw decode. Use `get_decode_fn(..., schedule="seesaw")`."""
@@ -667,6 +673,8 @@ SCHEDULE_OPTIONS = {
     "seesaw_no_evict_first": {"evict_first_kv": False},
     # Exact online softmax (every new max rescales O), P1 handed over after the O_R rescale.
     "seesaw_exact": {"p1_first": False, "rescale_threshold": None},
+    # The register split before SEESAW_REGS.
+    "seesaw_r224": {"regs": (56, 224)},
 }
 
 
@@ -681,6 +689,6 @@ def compile_configs():
     configs.update({
         f"{name}_d576_{schedule}": partial(compile_decode_seesaw, dt, D_QK, **SCHEDULE_OPTIONS[schedule])
         for name, dt in (("bf16", cutlass.BFloat16), ("fp16", cutlass.Float16))
-        for schedule in ("seesaw_named", "seesaw_no_evict_first", "seesaw_exact")
+        for schedule in ("seesaw_named", "seesaw_no_evict_first", "seesaw_exact", "seesaw_r224")
     })
     return configs
