@@ -203,6 +203,21 @@ def test_out_view_normalises_size_one_strides_only():
         combine._aligned_out_view(base.view(-1)[1:1 + 2 * HEAD_DIM_V].view(1, 1, 2, HEAD_DIM_V))
 
 
+def test_launch_shape_deep_limit_follows_the_sm_count():
+    # Two rows per SM: 264 on 132 SMs, 156 on a 78-SM part (where 256 rows would take a second wave).
+    assert combine.launch_shape(2, 1, 128, num_sms=132) == combine.CTA_PER_ROW_DEEP
+    assert combine.launch_shape(1, 1, 264, num_sms=132) == combine.CTA_PER_ROW_DEEP
+    assert combine.launch_shape(1, 1, 272, num_sms=132) == combine.CTA_PER_ROW
+    assert combine.launch_shape(2, 1, 128, num_sms=78) == combine.CTA_PER_ROW
+    assert combine.launch_shape(1, 1, 128, num_sms=78) == combine.CTA_PER_ROW_DEEP
+
+
+def test_sm_count_is_none_off_cuda():
+    assert combine._sm_count(torch.device("cpu")) is None
+    if not torch.cuda.is_available():
+        assert combine._sm_count(None) is None
+
+
 def test_launch_shape_splits_rows_only_for_small_problems():
     assert combine.launch_shape(1, 1, 128) == combine.CTA_PER_ROW_DEEP
     assert combine.launch_shape(2, 1, 128) == combine.CTA_PER_ROW_DEEP

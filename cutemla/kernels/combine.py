@@ -50,7 +50,7 @@ LOADED_FLOATS_PER_LANE = 64  # partial-row registers a lane keeps in flight (set
 #   max, the sum and the weights (otherwise three chains of dependent global loads).
 # It needs 168 registers (3 CTAs per SM instead of 4), which costs a second wave beyond ~3 rows per SM:
 # on an H200, 1x64k h128 -1.6%, 1x64k h16 -4.7%, but 4x32k h128 (512 rows) +3.5% and 32x2k h16 (512 rows) +8%
-# (perf/results/2026-11-25-h200-ab-combine-deep.csv), hence DEEP_ROWS.
+# (perf/results/2026-11-25-h200-ab-combine-deep.csv), hence DEEP_ROWS_PER_SM.
 LOADED_FLOATS_PER_LANE_DEEP = 128
 LSE_REGS = 4
 # Launch shapes, (threads per CTA, warps per output row[, deep]), picked per call from the number of rows.
@@ -63,7 +63,10 @@ WARP_PER_ROW = (256, 1)
 CTA_PER_ROW = (128, 4)
 CTA_PER_ROW_DEEP = (128, 4, True)
 FEW_ROWS = 1024  # below this many (request, kv head, row) triples, use CTA_PER_ROW
-DEEP_ROWS = 256  # at most this many: CTA_PER_ROW_DEEP (one wave at 3 CTAs per SM on 100+ SMs)
+# At most this many rows per SM: CTA_PER_ROW_DEEP (one CTA per row, 3 per SM, so two rows per SM keep it in one
+# wave with room to spare). On the 132-SM H100/H200 that is 264: the measured 256 rows gained, 512 lost.
+DEEP_ROWS_PER_SM = 2
+DEEP_ROWS = 256  # the limit when the SM count is unknown
 THREADS_PER_CTA, WARPS_PER_ROW = WARP_PER_ROW  # MlaCombine's defaults
 MAX_GRID_YZ = 65535  # CUDA's limit on grid y and z
 # The decode kernel launches with PDL and the combine waits on griddepcontrol before reading anything.
@@ -313,10 +316,11 @@ def compile_configs() -> dict[str, Callable[[str], object]]:
     return configs
 
 
-def launch_shape(b: int, h_kv: int, q_seq_per_hk: int) -> tuple:
-    """(threads per CTA, warps per row[, deep]) for a problem of b * h_kv * q_seq_per_hk output rows."""
+def launch_shape(b: int, h_kv: int, q_seq_per_hk: int, num_sms: int | None = None) -> tuple:
+    """(threads per CTA, warps per row[, deep]) for a problem of b * h_kv * q_seq_per_hk output rows on a GPU
+    of `num_sms` SMs (None: DEEP_ROWS is the deep shape's limit)."""
     rows = b * h_kv * q_seq_per_hk
-    if rows <= DEEP_ROWS:
+    if rows <= (DEEP_ROWS if num_sms is None else DEEP_ROWS_PER_SM * num_sms):
         return CTA_PER_ROW_DEEP
     return CTA_PER_ROW if rows < FEW_ROWS else WARP_PER_ROW
 
@@ -406,22 +410,43 @@ def combine_splits(o_accum: torch.Tensor, lse_accum: torch.Tensor, num_splits: t
     launch_combine(o_accum, lse_accum, num_splits, out, lse)
 
 
-def combine_kernel_for(dtype, b: int, h_kv: int, rows: int) -> Callable | None:
+def combine_kernel_for(dtype, b: int, h_kv: int, rows: int, device=None) -> Callable | None:
     """The compiled combine for `b` requests of `h_kv` KV heads x `rows` folded rows, with the launch shape
-    picked for that size; None when there is nothing to merge."""
+    picked for that size on `device`'s GPU (default: the current CUDA device); None when there is nothing to
+    merge."""
     if b * rows == 0:
         return None
     if b > MAX_GRID_YZ or h_kv > MAX_GRID_YZ:
         raise ValueError(f"the combine grid puts b ({b}) in z and h_kv ({h_kv}) in y: each must be at most "
                          f"{MAX_GRID_YZ}")
-    return compile_combine(dtype, USE_PDL_DEFAULT, *launch_shape(b, h_kv, rows))
+    return compile_combine(dtype, USE_PDL_DEFAULT, *launch_shape(b, h_kv, rows, _sm_count(device)))
+
+
+def _sm_count(device) -> int | None:
+    """SMs of a CUDA device (None: the current one), cached; None off CUDA."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return None
+        index = torch.cuda.current_device()
+    else:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return None
+        index = torch.cuda.current_device() if device.index is None else device.index
+    count = _SM_COUNTS.get(index)
+    if count is None:
+        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
+_SM_COUNTS: dict = {}
 
 
 def launch_combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, num_splits: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor) -> None:
     """`combine_splits` for CUDA tensors already known to fit its contract (the decode launchers' own
     buffers): the same launch without re-validating every argument on the hot path."""
-    fn = combine_kernel_for(out.dtype, out.shape[0], o_accum.shape[1], o_accum.shape[2])
+    fn = combine_kernel_for(out.dtype, out.shape[0], o_accum.shape[1], o_accum.shape[2], out.device)
     if fn is not None:
         fn(_canonical_contiguous(o_accum), _canonical_contiguous(lse_accum), num_splits, _aligned_out_view(out),
            lse)
