@@ -212,12 +212,6 @@ def test_launch_shape_deep_limit_follows_the_sm_count():
     assert combine.launch_shape(1, 1, 128, num_sms=78) == combine.CTA_PER_ROW_DEEP
 
 
-def test_sm_count_is_none_off_cuda():
-    assert combine._sm_count(torch.device("cpu")) is None
-    if not torch.cuda.is_available():
-        assert combine._sm_count(None) is None
-
-
 def test_launch_shape_splits_rows_only_for_small_problems():
     assert combine.launch_shape(1, 1, 128) == combine.CTA_PER_ROW_DEEP
     assert combine.launch_shape(2, 1, 128) == combine.CTA_PER_ROW_DEEP
@@ -248,7 +242,7 @@ def test_kernel_compiles_for_sm90a(config):
     assert report["spill_bytes"] == 0 and report["stack_bytes"] == 0, report
     assert report["ptxas_warnings"] == [], report
     # <= 128 registers keeps two 256-thread CTAs (four 128-thread ones) per SM. The deep shape keeps 32 partial
-    # rows in flight per lane instead: <= 168 still fits three of its CTAs per SM (combine.DEEP_ROWS).
+    # rows in flight per lane instead: <= 168 still fits three of its CTAs per SM (combine.DEEP_ROWS_PER_SM).
     assert 0 < report["registers"][0] <= (168 if config.endswith("_deep") else 128), report
     ptx = report["ptx"]
     assert ptx["target_sm90a"] == 1 and ptx["local_memory"] == 0, report

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from . import jit  # pins CUTE_DSL_ARCH before cutlass is imported (keep this import first)
+from ..schedule import DEFAULT_NUM_SMS
 
 import cuda.bindings.driver as cuda
 import cutlass
@@ -66,7 +67,6 @@ FEW_ROWS = 1024  # below this many (request, kv head, row) triples, use CTA_PER_
 # At most this many rows per SM: CTA_PER_ROW_DEEP (one CTA per row, 3 per SM, so two rows per SM keep it in one
 # wave with room to spare). On the 132-SM H100/H200 that is 264: the measured 256 rows gained, 512 lost.
 DEEP_ROWS_PER_SM = 2
-DEEP_ROWS = 256  # the limit when the SM count is unknown
 THREADS_PER_CTA, WARPS_PER_ROW = WARP_PER_ROW  # MlaCombine's defaults
 MAX_GRID_YZ = 65535  # CUDA's limit on grid y and z
 # The decode kernel launches with PDL and the combine waits on griddepcontrol before reading anything.
@@ -316,11 +316,11 @@ def compile_configs() -> dict[str, Callable[[str], object]]:
     return configs
 
 
-def launch_shape(b: int, h_kv: int, q_seq_per_hk: int, num_sms: int | None = None) -> tuple:
+def launch_shape(b: int, h_kv: int, q_seq_per_hk: int, num_sms: int = DEFAULT_NUM_SMS) -> tuple:
     """(threads per CTA, warps per row[, deep]) for a problem of b * h_kv * q_seq_per_hk output rows on a GPU
-    of `num_sms` SMs (None: DEEP_ROWS is the deep shape's limit)."""
+    of `num_sms` SMs."""
     rows = b * h_kv * q_seq_per_hk
-    if rows <= (DEEP_ROWS if num_sms is None else DEEP_ROWS_PER_SM * num_sms):
+    if rows <= DEEP_ROWS_PER_SM * num_sms:
         return CTA_PER_ROW_DEEP
     return CTA_PER_ROW if rows < FEW_ROWS else WARP_PER_ROW
 
@@ -410,7 +410,7 @@ def combine_splits(o_accum: torch.Tensor, lse_accum: torch.Tensor, num_splits: t
     launch_combine(o_accum, lse_accum, num_splits, out, lse)
 
 
-def combine_kernel_for(dtype, b: int, h_kv: int, rows: int, device=None) -> Callable | None:
+def combine_kernel_for(dtype, b: int, h_kv: int, rows: int, device="cuda") -> Callable | None:
     """The compiled combine for `b` requests of `h_kv` KV heads x `rows` folded rows, with the launch shape
     picked for that size on `device`'s GPU (default: the current CUDA device); None when there is nothing to
     merge."""
@@ -419,27 +419,9 @@ def combine_kernel_for(dtype, b: int, h_kv: int, rows: int, device=None) -> Call
     if b > MAX_GRID_YZ or h_kv > MAX_GRID_YZ:
         raise ValueError(f"the combine grid puts b ({b}) in z and h_kv ({h_kv}) in y: each must be at most "
                          f"{MAX_GRID_YZ}")
-    return compile_combine(dtype, USE_PDL_DEFAULT, *launch_shape(b, h_kv, rows, _sm_count(device)))
+    from ..ops import default_num_sms  # the SM count the scheduler plans for (cached per device)
 
-
-def _sm_count(device) -> int | None:
-    """SMs of a CUDA device (None: the current one), cached; None off CUDA."""
-    if device is None:
-        if not torch.cuda.is_available():
-            return None
-        index = torch.cuda.current_device()
-    else:
-        device = torch.device(device)
-        if device.type != "cuda":
-            return None
-        index = torch.cuda.current_device() if device.index is None else device.index
-    count = _SM_COUNTS.get(index)
-    if count is None:
-        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return count
-
-
-_SM_COUNTS: dict = {}
+    return compile_combine(dtype, USE_PDL_DEFAULT, *launch_shape(b, h_kv, rows, default_num_sms(device)))
 
 
 def launch_combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, num_splits: torch.Tensor,
