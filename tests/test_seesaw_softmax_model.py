@@ -1,8 +1,8 @@
 """A CPU model of the seesaw's two-consumer online softmax, exact and lazy (kernels/seesaw.py), against softmax.
 
 The model replays the kernel's per-pair steps in fp32 with bf16 P, vectorised over a tile's rows: consumer 0
-scores tile n0 from the running max (m0, factor f0), consumer 1 scores n1 from m0 (m1, f1), consumer 0
-rescales P0 by f1 and both halves of O take both P tiles. With a threshold (lazy rescaling) the reference max
+scores tile n0 from the running max (m0, factor f0) and hands P0 over at m0, consumer 1 adds P0 V0_R to O_R
+at m0, scores n1 from m0 (m1, f1) and rescales all of O_R by f1, and both halves of O take both P tiles. With a threshold (lazy rescaling) the reference max
 moves only when a tile's max exceeds it by more than the threshold. It checks the algebra the GPU tests
 cannot isolate: lazy and exact give the same softmax, P stays below 2^threshold, masked and empty rows work,
 and after the first tiles the lazy factors are exactly 1 (the rescales the kernel then skips).
@@ -50,8 +50,10 @@ def seesaw_model(scores, v, threshold=None):
         m0, f0, p0 = softmax_step(s0, m)
         l0 = l0 * f0 + p0.sum(dim=1)
         o_left = o_left * f0[:, None] + bf16(p0) @ v0[:, :D_V // 2]
-        # consumer 1, step 1-2: m1 from m0 (or none without an n1); O_R to m1, += P1 V1_R
+        # consumer 1, step 1: O_R to m0, += P0 V0_R (P0 at m0, from smem)
         l1 = l1 * f0
+        o_right = o_right * f0[:, None] + bf16(p0) @ v0[:, D_V // 2:]
+        # consumer 1, step 2-3: m1 from m0 (or none without an n1); O_R to m1, += P1 V1_R
         m1, f1 = m0, torch.ones(rows)
         has1 = n0 + BLOCK_N < n
         if has1:
@@ -59,16 +61,14 @@ def seesaw_model(scores, v, threshold=None):
             v1 = v[n0 + BLOCK_N:n0 + 2 * BLOCK_N]
             m1, f1, p1 = softmax_step(s1, m0)
             l1 = l1 * f1 + p1.sum(dim=1)
-        o_right = o_right * (f0 * f1)[:, None]
+        o_right = o_right * f1[:, None]
         if has1:
             o_right = o_right + bf16(p1) @ v1[:, D_V // 2:]
-        # consumer 0, step 3-4: P0 to m1; O_L to m1, += P1 V1_L; consumer 1 step 3: O_R += P0 V0_R
-        p0 = bf16(p0 * f1[:, None])
+        # consumer 0, step 3-4: O_L (and its sum) to m1, += P1 V1_L
         l0 = l0 * f1
         o_left = o_left * f1[:, None]
         if has1:
             o_left = o_left + bf16(p1) @ v1[:, :D_V // 2]
-        o_right = o_right + p0 @ v0[:, D_V // 2:]
         m = m1
     total = l0 + l1
     out = torch.cat([o_left, o_right], dim=1) / torch.where(total > 0, total, torch.ones_like(total))[:, None]
@@ -116,7 +116,7 @@ def test_model_matches_softmax(kind, threshold):
 
 
 def test_lazy_factors_are_mostly_exactly_one():
-    """The kernel skips a warp's O / P0 rescale when all its factors are 1: with lazy rescaling that is
+    """The kernel skips a warp's O rescale when all its factors are 1: with lazy rescaling that is
     almost every factor after a request's first tiles, with exact rescaling far fewer."""
     scores, v = make_scores("small", n=4096)
     _, _, lazy = seesaw_model(scores, v, threshold=8.0)

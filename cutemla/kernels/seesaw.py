@@ -8,20 +8,26 @@ tensor cores see twice the N. O stays split by columns (consumer 0 owns O[:, :25
 O[:, 256:]), so each P tile is used by both:
 
   consumer 0                                       consumer 1
-  S0 -> softmax with the running max -> m0,        (waits SCALE0)
-  P0, O_L *= exp2(m_old - m0); arrive SCALE0       S1 -> softmax from m0 -> m1, P1; arrive SCALE1
-  O_L += P0 V0_L   (P0 from registers)             P1 -> smem, arrive P1_READY; O_R rescaled to m1;
-  (waits SCALE1) P0 *= exp2(m0 - m1) -> smem;        O_R += P1 V1_R (registers)
-    arrive P0_READY                                (waits P0_READY) O_R += P0 V0_R (smem)
-  (waits P1_READY) O_L *= exp2(m0 - m1);
-    O_L += P1 V1_L (smem)
+  S0 -> softmax with the running max -> m0, P0;    (waits SCALE0) O_R *= exp2(m_old - m0);
+    P0 -> smem; arrive SCALE0 (m0, factor, P0)       O_R += P0 V0_R (smem), and while it runs:
+  O_L *= exp2(m_old - m0)                          S1 -> softmax from m0 -> m1, P1; arrive SCALE1;
+  O_L += P0 V0_L   (P0 from registers)               P1 -> smem, arrive P1_READY
+  (waits SCALE1) O_L *= exp2(m0 - m1)              (P0 V0_R done) O_R *= exp2(m0 - m1);
+  (waits P1_READY) O_L += P1 V1_L (smem)             O_R += P1 V1_R (registers)
   QK^T of the next n0                              QK^T of the next n1
+
+P0 goes over at consumer 0's own max m0 and consumer 1 multiplies it in before its own softmax: P0 V0_R
+enters O_R at m0 and is rescaled with the rest of O_R by exp2(m0 - m1), as O_L is, so the result is
+exact. Handing P0 over only after rescaling it to m1 (FlashMLA's order, and ours before 2026-11-26)
+made stage 0's R half the last thing a pair freed, and its refill from HBM what consumer 0's next QK^T
+waited on; now it is freed once consumer 1's softmax is done (H100: 2-5% faster at 128 x h128 s_q = 2,
+1-2% at small batches, perf/results/2026-11-26-h100-ab-early-p0.csv).
 
 Rescaling is lazy (FlashAttention-4's trick, LAZY_RESCALE_THRESHOLD): the reference max m of a row moves
 only when a tile's max exceeds it by more than 2^8, so almost every factor above is exactly 1, and a warp
-whose factors all are skips the multiplies (a warp vote): after the first tiles of a request the O and P0
+whose factors all are skips the multiplies (a warp vote): after the first tiles of a request the O
 rescales are gone. P then reaches up to 256, which bf16/fp16 and the fp32 sums hold without loss. Schedule
-"seesaw_exact" keeps the exact online softmax (and rescales O_R before handing P1 over).
+"seesaw_exact" keeps the exact online softmax.
 
 Shared memory is Q plus two K stages (221 KiB); P tiles live in the RoPE sub-tile (columns
 512-575) of their own tile's stage, which no one reads after that tile's QK^T. Stage 0 always holds
@@ -46,11 +52,11 @@ shared-memory accesses are ordered before the waiter's later ones. The protocol,
 
   word  barrier    arrives                   waits               parity (phase completed)
   0     SCALE0     consumer 0, step 1        consumer 1, step 1  fills0 % 2   (pairs so far)
-  1     SCALE1     consumer 1, step 1        consumer 0, step 3  fills0 % 2
-  2     P0_READY   consumer 0, step 3        consumer 1, step 3  fills0 % 2
-  3     P1_READY   consumer 1, step 2        consumer 0, step 4  fills1 % 2   (pairs with an n1)
+        (m0, its factor and P0 are published)
+  1     SCALE1     consumer 1, step 2        consumer 0, step 3  fills0 % 2
+  2     P1_READY   consumer 1, step 2        consumer 0, step 4  fills1 % 2   (pairs with an n1)
         (both only when the pair has an n1)
-  4     ROW_SUM    both, end of request      both                (q_fills - 1) % 2 (requests so far)
+  3     ROW_SUM    both, end of request      both                (q_fills - 1) % 2 (requests so far)
 
 fills0, fills1 and q_fills are the counters both consumers already keep for the TMA barriers (fills0
 counts pairs, fills1 pairs with an n1, q_fills requests), fills0 / fills1 read before the pair
@@ -62,14 +68,13 @@ No arrive can run two phases ahead of its waiter (the parity wait could not tell
 thread can arrive twice in one phase: every barrier's next arrive sits behind a wait that needs the
 waiter's progress past its previous wait. SCALE0(k+1) is arrived after consumer 0 waited SCALE1(k),
 which consumer 1 arrives after waiting SCALE0(k); symmetrically SCALE1(k+1) after SCALE0(k+1);
-P0_READY(k+1) after SCALE1(k+1) (consumer 1 waited P0_READY(k) in pair k); P1_READY at a later pair
-after SCALE0 of that pair (consumer 0 waited P1_READY in an earlier pair); ROW_SUM(r+1) after the
+P1_READY at a later pair after SCALE0 of that pair (consumer 0 waited P1_READY in an earlier pair); ROW_SUM(r+1) after the
 arriving thread's own wait of ROW_SUM(r), which needs all 256 arrives of r.
 
 Write-after-read (no separate "consumed" barrier is needed; each is implied by the opposite hand-off,
 because a thread arrives after its own reads):
   sRowMax = m0, sScale[:, 0]: consumer 0 writes them in pair k+1 after waiting SCALE1(k); consumer 1
-    arrived SCALE1(k) after reading m0 and scale0 (and re-reading scale0) of pair k.
+    arrived SCALE1(k) after reading m0 and scale0 of pair k (step 1).
   sRowMax = m1, sScale[:, 1]: consumer 1 writes them in pair k after waiting SCALE0(k); consumer 0
     arrived SCALE0(k) after reading m1 and scale1 of pair k-1 (step 3). Within a warp, the existing
     sync_warp before each leader write orders the other lanes' reads of the same rows (rows are
@@ -113,10 +118,10 @@ STAGE_HALVES = (
 NAMED_HANDOFF_BASE = 1
 BARRIER_WG = 6        # 6 + wg: one consumer's zeroed V tail is visible to its WGMMAs
 # The consumer-to-consumer hand-offs (see the protocol at the top), also the words of
-# SharedStorage.mbar_handoff: m0 and its factor published (SCALE0), m1 and exp2(m0 - m1) (SCALE1),
-# rescaled P0 in smem (P0_READY), P1 in smem (P1_READY), row sums at the end of a request (ROW_SUM).
-HANDOFF_SCALE0, HANDOFF_SCALE1, HANDOFF_P0_READY, HANDOFF_P1_READY, HANDOFF_ROW_SUM = range(5)
-NUM_HANDOFF = 5
+# SharedStorage.mbar_handoff: m0, its factor and P0 published (SCALE0), m1 and exp2(m0 - m1) (SCALE1),
+# P1 in smem (P1_READY), row sums at the end of a request (ROW_SUM).
+HANDOFF_SCALE0, HANDOFF_SCALE1, HANDOFF_P1_READY, HANDOFF_ROW_SUM = range(4)
+NUM_HANDOFF = 4
 LN2 = math.log(2.0)
 # Lazy rescaling (FlashAttention-4's threshold, log2 units): the reference max moves only when a tile's max
 # exceeds it by more than 2^8, so probabilities stay below 256.
@@ -135,7 +140,7 @@ class MlaDecodeSeesaw(MlaDecode):
 
     def __init__(self, dtype, d_qk: int = D_QK, l2_prefetch_blocks: int = 0,
                  regs: tuple = SEESAW_REGS, handoff: str = "mbarrier", evict_first_kv: bool = True,
-                 p1_first: bool = True, rescale_threshold: float | None = LAZY_RESCALE_THRESHOLD):
+                 rescale_threshold: float | None = LAZY_RESCALE_THRESHOLD):
         assert d_qk == D_QK, "the seesaw schedule keeps P tiles in the RoPE sub-tile: d must be 576"
         self.dtype = dtype
         self.d_qk = d_qk
@@ -146,12 +151,11 @@ class MlaDecodeSeesaw(MlaDecode):
         # and 1% at 128x16k h16, no change at large h128 (perf/results/2026-11-25-h100-ab-evict-first.csv);
         # schedule "seesaw_no_evict_first" turns it off.
         self.evict_first_kv = evict_first_kv
-        # p1_first: consumer 1 hands P1 over (P1_READY) before it rescales O_R, which consumer 0's wait
-        # for P1 does not need. rescale_threshold (log2 units; None = exact): lazy rescaling, see
-        # softmax.online_softmax_step; the O and P0 rescales are skipped by warps whose factors are all 1.
-        # Both on: 1-2% faster at small batches and h16/h64, 4-9% at 128 x h128, in the best, median and
-        # worst of 3 captures (perf/results/2026-11-25-h200-ab-lazy-captures.csv); "seesaw_exact" turns both off.
-        self.p1_first = p1_first
+        # rescale_threshold (log2 units; None = exact): lazy rescaling, see softmax.online_softmax_step;
+        # the O rescales are skipped by warps whose factors are all 1. 1-2% faster at small batches and
+        # h16/h64, 4-9% at 128 x h128, in the best, median and worst of 3 captures (with consumer 1 handing
+        # P1 over before its O_R rescale; perf/results/2026-11-25-h200-ab-lazy-captures.csv); "seesaw_exact"
+        # turns it off.
         self.rescale_threshold = rescale_threshold
         # Consumer-to-consumer hand-offs: smem mbarriers ("mbarrier", the default) or named
         # barriers ("named", schedule "seesaw_named"); see the module docstring.
@@ -170,7 +174,7 @@ class MlaDecodeSeesaw(MlaDecode):
             mbar_full: cute.struct.MemRange[cutlass.Int64, 2 * NUM_SUBTILES]
             mbar_empty: cute.struct.MemRange[cutlass.Int64, 4]
             mbar_q: cute.struct.MemRange[cutlass.Int64, 2]  # full, empty
-            # SCALE0, SCALE1, P0_READY, P1_READY, ROW_SUM (unused with handoff="named"; the 40 bytes sit
+            # SCALE0, SCALE1, P1_READY, ROW_SUM (unused with handoff="named"; the 32 bytes sit
             # inside the 1 KiB the barriers already take before sQ's alignment)
             mbar_handoff: cute.struct.MemRange[cutlass.Int64, NUM_HANDOFF]
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
@@ -410,14 +414,18 @@ class MlaDecodeSeesaw(MlaDecode):
             n1 = n0 + 1
             has1 = n1 < end
             has_next = n0 + 2 < end
-            # 1. softmax of S0 from the running max; publish m0 and the factor for the old O.
+            # 1. softmax of S0 from the running max -> m0; P0 (at m0) to smem; publish m0, the factor
+            # for the old O and P0.
             if n0 * BLOCK_N + BLOCK_N > tile_border:
                 sm.mask_scores(acc_S, tidx, n0 * BLOCK_N, border0, border1)
             block_max = sm.block_row_max(acc_S)
             factors = sm.online_softmax_step(acc_S, block_max, row_max, row_sum, scale_log2,
                                              self.rescale_threshold)
+            rP.store(acc_S.load().to(self.dtype))
+            cute.autovec_copy(rP, tPsP[None, None, None, 0])
+            cute.arch.fence_view_async_shared()
             # The quad's other lanes read these words in step 3 of the previous pair: converge the
-            # warp before its leader overwrites them (a warp-level WAR under racecheck).
+            # warp before its leader overwrites them.
             cute.arch.sync_warp()
             if quad_leader:
                 for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
@@ -428,28 +436,20 @@ class MlaDecodeSeesaw(MlaDecode):
             rescale[1] = factors[1]
             self.rescale_o(acc_O, rescale)
             # 2. O_L += P0 V0_L with P0 from registers; then stage 0's L half is free.
-            rP.store(acc_S.load().to(self.dtype))
             if n0 * BLOCK_N + BLOCK_N > seqlen:
                 self.zero_v_tail_synced(sK, seqlen - n0 * BLOCK_N, 0, tidx, 0)
             sm.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 0)
             warpgroup.wait_group(0)
             self.release(empty, 0, lane)
-            # 3. rescale P0 to consumer 1's max m1 and hand it over.
+            # 3. consumer 1's max m1: O_L and the row sums go from m0 to m1.
             self.handoff_wait(handoff, HANDOFF_SCALE1, fills0 % 2)
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 rescale[r] = sScale[tile_row + 8 * r, 1]
                 row_max[r] = sRowMax[tile_row + 8 * r]
                 row_sum[r] = row_sum[r] * rescale[r]
-            if self.needs_rescale(rescale):  # else rP still holds P0 at m0 = m1
-                sm.rescale_rows(acc_S, rescale)
-                rP.store(acc_S.load().to(self.dtype))
-            cute.autovec_copy(rP, tPsP[None, None, None, 0])
-            cute.arch.fence_view_async_shared()
-            self.handoff_signal(handoff, HANDOFF_P0_READY)
             self.rescale_o(acc_O, rescale)
             # 4. O_L += P1 V1_L (P1 from smem), overlapped with the next S0 = Q K^T.
             if has1:
-                # P1 is in smem and consumer 1's QK^T no longer reads K1 (so V1_L may be zeroed).
                 self.handoff_wait(handoff, HANDOFF_P1_READY, fills1 % 2)
                 self.wait_stage(full, 1, fills1 % 2, (0, 1, 2, 3))
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
@@ -492,11 +492,19 @@ class MlaDecodeSeesaw(MlaDecode):
             n1 = n0 + 1
             has1 = n1 < end
             has_next = n1 + 2 < end
-            # 1. softmax of S1 from consumer 0's max m0; publish m1 and exp2(m0 - m1).
+            # 1. m0, its factor and P0 from consumer 0: O_R goes to m0, then O_R += P0 V0_R (smem).
             self.handoff_wait(handoff, HANDOFF_SCALE0, fills0 % 2)
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 row_max[r] = sRowMax[tile_row + 8 * r]
-                row_sum[r] = row_sum[r] * sScale[tile_row + 8 * r, 0]
+                rescale[r] = sScale[tile_row + 8 * r, 0]
+                row_sum[r] = row_sum[r] * rescale[r]
+            self.rescale_o(acc_O, rescale)
+            self.wait_stage(full, 0, fills0 % 2, (4, 5, 6, 7))
+            if n0 * BLOCK_N + BLOCK_N > seqlen:
+                self.zero_v_tail_synced(sK, seqlen - n0 * BLOCK_N, 1, tidx, 0)
+            sm.issue_pv(acc_O, tOsP, tOrVt_ss, tiled_mma_pv_ss, 0, p_stage=0)
+            # 2. while that runs: softmax of S1 from m0 -> m1; publish m1 and exp2(m0 - m1), then P1.
+            for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 rescale[r] = Float32(1.0)
             if has1:
                 if n1 * BLOCK_N + BLOCK_N > tile_border:
@@ -511,39 +519,24 @@ class MlaDecodeSeesaw(MlaDecode):
                 for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                     sRowMax[tile_row + 8 * r] = row_max[r]
                     sScale[tile_row + 8 * r, 1] = rescale[r]
-            # O_R goes from the old max to m1: exp2(m_old - m0) * exp2(m0 - m1). Re-read the first
-            # factor (fewer live registers) before SCALE1 lets consumer 0 overwrite it.
-            for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
-                rescale[r] = rescale[r] * sScale[tile_row + 8 * r, 0]
             self.handoff_signal(handoff, HANDOFF_SCALE1)
-            if const_expr(not self.p1_first):
-                self.rescale_o(acc_O, rescale)
-            # 2. P1 to smem for consumer 0; O_R += P1 V1_R from registers.
             if has1:
                 rP.store(acc_S.load().to(self.dtype))
                 cute.autovec_copy(rP, tPsP[None, None, None, 1])
                 cute.arch.fence_view_async_shared()
                 self.handoff_signal(handoff, HANDOFF_P1_READY)
-            if const_expr(self.p1_first):
-                self.rescale_o(acc_O, rescale)
+            # 3. O_R += P0 V0_R done: stage 0's R half is free. O_R to m1, then O_R += P1 V1_R.
+            warpgroup.wait_group(0)
+            self.release(empty, 1, lane)
+            self.rescale_o(acc_O, rescale)
             if has1:
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 1, tidx, 1)
                 sm.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 1)
-            # 3. O_R += P0 V0_R with consumer 0's rescaled P0 from smem.
-            self.handoff_wait(handoff, HANDOFF_P0_READY, fills0 % 2)
-            self.wait_stage(full, 0, fills0 % 2, (4, 5, 6, 7))
-            if n0 * BLOCK_N + BLOCK_N > seqlen:
-                self.zero_v_tail_synced(sK, seqlen - n0 * BLOCK_N, 1, tidx, 0)
-            sm.issue_pv(acc_O, tOsP, tOrVt_ss, tiled_mma_pv_ss, 0, p_stage=0)
-            warpgroup.wait_group(1)  # O_R += P1 V1_R done: stage 1's R half is free
-            if has1:
+                warpgroup.wait_group(0)  # stage 1's R half is free
                 self.release(empty, 3, lane)
-            warpgroup.wait_group(0)  # O_R += P0 V0_R done: stage 0's R half is free
-            self.release(empty, 1, lane)
-            fills0 += 1
-            if has1:
                 fills1 += 1
+            fills0 += 1
             # 4. the next S1 = Q K^T.
             if has_next:
                 self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, full, 1, fills1 % 2)
@@ -654,13 +647,13 @@ class MlaDecodeSeesaw(MlaDecode):
 
 def compile_decode_seesaw(dtype, d_qk: int = D_QK, options: str | None = None,
                           l2_prefetch_blocks: int = 0, regs: tuple = SEESAW_REGS, handoff: str = "mbarrier",
-                          evict_first_kv: bool = True, p1_first: bool = True,
+                          evict_first_kv: bool = True,
                           rescale_threshold: float | None = LAZY_RESCALE_THRESHOLD):
     """Compile (uncached) the seesaw decode. Use `get_decode_fn(..., schedule="seesaw")`."""
     from .jit import COMPILE_OPTIONS, fake_stream
 
     kernel = MlaDecodeSeesaw(dtype, d_qk, l2_prefetch_blocks=l2_prefetch_blocks, regs=regs,
-                             handoff=handoff, evict_first_kv=evict_first_kv, p1_first=p1_first,
+                             handoff=handoff, evict_first_kv=evict_first_kv,
                              rescale_threshold=rescale_threshold)
     return cute.compile(kernel, *_fake_args(dtype, d_qk), fake_stream(),
                         options=options or COMPILE_OPTIONS)
@@ -671,8 +664,8 @@ SCHEDULE_OPTIONS = {
     "seesaw": {},
     "seesaw_named": {"handoff": "named"},
     "seesaw_no_evict_first": {"evict_first_kv": False},
-    # Exact online softmax (every new max rescales O), P1 handed over after the O_R rescale.
-    "seesaw_exact": {"p1_first": False, "rescale_threshold": None},
+    # Exact online softmax (every new max rescales O).
+    "seesaw_exact": {"rescale_threshold": None},
     # The register split before SEESAW_REGS.
     "seesaw_r224": {"regs": (56, 224)},
 }
