@@ -12,9 +12,10 @@ O[:, 256:]), so each P tile is used by both:
     P0 -> smem; arrive SCALE0 (m0, factor, P0)       O_R += P0 V0_R (smem), and while it runs:
   O_L *= exp2(m_old - m0)                          S1 -> softmax from m0 -> m1, P1; arrive SCALE1;
   O_L += P0 V0_L   (P0 from registers)               P1 -> smem, arrive P1_READY
-  (waits SCALE1) O_L *= exp2(m0 - m1)              (P0 V0_R done) O_R *= exp2(m0 - m1);
-  (waits P1_READY) O_L += P1 V1_L (smem)             O_R += P1 V1_R (registers)
-  QK^T of the next n0                              QK^T of the next n1
+  (waits SCALE1) O_L *= exp2(m0 - m1)              O_R *= exp2(m0 - m1) (after P0 V0_R, and only
+  (waits P1_READY) O_L += P1 V1_L (smem)             where a factor is not 1); O_R += P1 V1_R
+  QK^T of the next n0                                (registers), queued behind P0 V0_R
+                                                   QK^T of the next n1
 
 P0 goes over at consumer 0's own max m0 and consumer 1 multiplies it in before its own softmax: P0 V0_R
 enters O_R at m0 and is rescaled with the rest of O_R by exp2(m0 - m1), as O_L is, so the result is
@@ -525,17 +526,26 @@ class MlaDecodeSeesaw(MlaDecode):
                 cute.autovec_copy(rP, tPsP[None, None, None, 1])
                 cute.arch.fence_view_async_shared()
                 self.handoff_signal(handoff, HANDOFF_P1_READY)
-            # 3. O_R += P0 V0_R done: stage 0's R half is free. O_R to m1, then O_R += P1 V1_R.
-            warpgroup.wait_group(0)
-            self.release(empty, 1, lane)
-            self.rescale_o(acc_O, rescale)
+            # 3. O_R to m1 and O_R += P1 V1_R, queued right behind P0 V0_R: only a warp that has to
+            # rescale O_R (a factor is not 1) waits for P0 V0_R first. Waiting for P0 V0_R before every
+            # P1 V1_R was 1-2.5% slower at 128 x h128 in the median of 5 captures, same elsewhere
+            # (perf/results/2026-11-26-h100-ab-chain.csv).
             if has1:
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 1, tidx, 1)
+                if self.needs_rescale(rescale):
+                    warpgroup.wait_group(0)
+                    sm.rescale_rows(acc_O, rescale)
                 sm.issue_pv(acc_O, tOrP, tOrVt_rs, tiled_mma_pv_rs, 1)
-                warpgroup.wait_group(0)  # stage 1's R half is free
+                warpgroup.wait_group(1)  # P0 V0_R done: stage 0's R half is free
+                self.release(empty, 1, lane)
+                warpgroup.wait_group(0)  # P1 V1_R done: stage 1's R half is free
                 self.release(empty, 3, lane)
                 fills1 += 1
+            else:
+                warpgroup.wait_group(0)
+                self.release(empty, 1, lane)
+                self.rescale_o(acc_O, rescale)
             fills0 += 1
             # 4. the next S1 = Q K^T.
             if has_next:
