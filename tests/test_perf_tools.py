@@ -466,3 +466,37 @@ def test_host_overhead_cpu_table(clean_api_state):
     assert len(names) == 7 and all(us > 0 for us in results.values())
     assert names[0].startswith("MLADecoder.run") and host_overhead.OLD_STYLE in names
     assert kernels._compiled_launches == before  # the stubs do not outlive the measurement
+
+
+def test_ncu_waits_names_the_seesaw_barriers(tmp_path):
+    """perf.ncu_waits: a try-wait's offset names its barrier and role; the retry branch's samples count."""
+    import gzip
+
+    from cutemla.kernels import seesaw
+    from perf.ncu_waits import HANDOFFS, NUM_SUBTILES, barrier_names, read_source_page, wait_table
+
+    # The tool's layout is the kernel's SharedStorage order.
+    assert NUM_SUBTILES == seesaw.NUM_SUBTILES and len(HANDOFFS) == seesaw.NUM_HANDOFF
+    assert HANDOFFS.index("SCALE1") == seesaw.HANDOFF_SCALE1
+    assert HANDOFFS.index("P1_READY") == seesaw.HANDOFF_P1_READY
+    names = barrier_names()
+    assert names[0x68] == ("full stage 1 sub-tile 4", "consumer")
+    assert names[0x90] == ("empty stage 0 half L", "producer")
+    assert names[0xc8] == ("hand-off SCALE1", "consumer")
+    header = '"Address","Source","Warp Stall Sampling (All Samples)"'
+    rows = [
+        '"0x0","      SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR33+0x68], R6","5"',
+        '"0x10","@!P0  BRA 0x100","70"',
+        '"0x20","HGMMA.64x64x16.F32.BF16 R152, gdesc[UR20], R152","10"',
+        '"0x30","WARPGROUP.DEPBAR.LE gsb0, 0x0","15"',
+        '"0x40","SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR33], R4","0"',
+    ]
+    path = tmp_path / "sass.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write('"Kernel Name","kernel_seesaw"\n' + "\n".join([header] + rows) + "\n")
+    table = wait_table(read_source_page(str(path))).set_index("wait")
+    assert table.loc["full stage 1 sub-tile 4", "samples"] == 75
+    assert table.loc["full stage 1 sub-tile 4", "percent"] == 75.0
+    assert table.loc["full stage 0 sub-tile 0", "samples"] == 0
+    assert table.loc["WGMMA wait (WARPGROUP.DEPBAR)", "samples"] == 15
+    assert table.loc["WGMMA issue (HGMMA)", "samples"] == 10

@@ -528,8 +528,8 @@ class MlaDecodeSeesaw(MlaDecode):
                 self.handoff_signal(handoff, HANDOFF_P1_READY)
             # 3. O_R to m1 and O_R += P1 V1_R, queued right behind P0 V0_R: only a warp that has to
             # rescale O_R (a factor is not 1) waits for P0 V0_R first. Waiting for P0 V0_R before every
-            # P1 V1_R was 1-2.5% slower at 128 x h128 in the median of 5 captures, same elsewhere
-            # (perf/results/2026-11-26-h100-ab-chain.csv).
+            # P1 V1_R was 0.8-2.5% slower at 128 x h128 in the median capture of three A/B calls, the
+            # same elsewhere (perf/results/2026-11-26-h100-ab-chain.csv).
             if has1:
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 1, tidx, 1)
