@@ -69,8 +69,8 @@ No arrive can run two phases ahead of its waiter (the parity wait could not tell
 thread can arrive twice in one phase: every barrier's next arrive sits behind a wait that needs the
 waiter's progress past its previous wait. SCALE0(k+1) is arrived after consumer 0 waited SCALE1(k),
 which consumer 1 arrives after waiting SCALE0(k); symmetrically SCALE1(k+1) after SCALE0(k+1);
-P1_READY at a later pair after SCALE0 of that pair (consumer 0 waited P1_READY in an earlier pair); ROW_SUM(r+1) after the
-arriving thread's own wait of ROW_SUM(r), which needs all 256 arrives of r.
+P1_READY at a later pair after SCALE0 of that pair (consumer 0 waited P1_READY in an earlier pair);
+ROW_SUM(r+1) after the arriving thread's own wait of ROW_SUM(r), which needs all 256 arrives of r.
 
 Write-after-read (no separate "consumed" barrier is needed; each is implied by the opposite hand-off,
 because a thread arrives after its own reads):
@@ -426,7 +426,7 @@ class MlaDecodeSeesaw(MlaDecode):
             cute.autovec_copy(rP, tPsP[None, None, None, 0])
             cute.arch.fence_view_async_shared()
             # The quad's other lanes read these words in step 3 of the previous pair: converge the
-            # warp before its leader overwrites them.
+            # warp before its leader overwrites them (a warp-level WAR under racecheck).
             cute.arch.sync_warp()
             if quad_leader:
                 for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
