@@ -11,16 +11,19 @@ Inputs are drawn on the GPU once per case (fast even for long contexts) and ever
 one whole call (decode + combine, metadata reused, like the FlashMLA baseline) in a CUDA graph. The graphs
 then take turns, trial by trial in a rotating order, so clock and temperature drift reach every variant
 alike (run one after the other, two identical variants differed by up to 10% at h_q 128); `us` is the
-best mean of `trials` rounds of `replays` replays. Even interleaved, two captures of the same variant can
-differ by up to 10% at 128 x h_q 128 (not understood; the first capture is often the fast one), so
-``--captures N`` captures every variant N times, round robin, and reports its best capture (`us`) with the
-median and worst (`us_median_capture`, `us_max_capture`).
+best mean of `trials` rounds of `replays` replays. At 128 x h_q 128 the H100 reaches its 700 W power cap:
+the first graph timed after an idle moment runs at the boost clock, up to 10% faster than the rest, so
+without a warm-up the variant listed first won the best-capture column (perf/README.md, 2026-11-26). The
+graphs therefore first take turns for ``--warmup-s`` seconds (default 2) before any trial is timed, so every
+timed trial sees the steady clock. ``--captures N`` captures every variant N times, round robin, and reports
+its best capture (`us`) with the median and worst (`us_median_capture`, `us_max_capture`).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 import pandas as pd
 import torch
@@ -36,9 +39,26 @@ FOCUS_CASES = [
 ]
 
 
-def time_interleaved(graphs: dict, trials: int, replays: int) -> dict:
+def warm_up(graphs: dict, seconds: float, replays: int, synchronize=None) -> int:
+    """Replay the graphs in turn, `replays` each, until `seconds` have passed (whole rounds; none when
+    seconds <= 0): the power controller settles before anything is timed. Returns the rounds run."""
+    synchronize = synchronize or torch.cuda.synchronize
+    rounds = 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for graph in graphs.values():
+            for _ in range(replays):
+                graph.replay()
+        synchronize()
+        rounds += 1
+    return rounds
+
+
+def time_interleaved(graphs: dict, trials: int, replays: int, warmup_s: float = 0.0) -> dict:
     """Best mean us per replay of each graph, the graphs taking turns trial by trial (in a rotating
-    order) so that clock and temperature drift over the run reaches every variant alike."""
+    order) so that clock and temperature drift over the run reaches every variant alike, after
+    warm_up(graphs, warmup_s, replays)."""
+    warm_up(graphs, warmup_s, replays)
     names = list(graphs)
     best = {name: float("inf") for name in names}
     for trial in range(trials):
@@ -54,7 +74,7 @@ def time_interleaved(graphs: dict, trials: int, replays: int) -> dict:
     return best
 
 
-def run(variants, cases=FOCUS_CASES, replays=30, trials=5, captures=1):
+def run(variants, cases=FOCUS_CASES, replays=30, trials=5, captures=1, warmup_s=2.0):
     from cutemla.kernels import run_dense_decode
     from cutemla.schedule import SchedulePolicy, get_decoding_sched_meta
 
@@ -87,7 +107,7 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5, captures=1):
 
             graphs[(variant, capture)] = capture_cuda_graph([call])
         os.environ.pop("CUTEMLA_L2_PREFETCH", None)
-        timed = time_interleaved(graphs, trials, replays)
+        timed = time_interleaved(graphs, trials, replays, warmup_s)
         for variant in variants:
             per_capture = [timed[(variant, c)] for c in range(captures)]
             us = min(per_capture)
@@ -144,9 +164,13 @@ def main(argv=None):
     parser.add_argument("--captures", type=int, default=1,
                         help="capture each variant this many times (round robin) and report the best capture "
                              "(us) and the median and worst (identical graphs differ by up to 10%% at 128 x h128)")
+    parser.add_argument("--warmup-s", type=float, default=2.0,
+                        help="seconds of untimed replays (all graphs in turn) before each case's trials, so the "
+                             "first variant does not get the boost clock the power cap then takes away; 0 = none")
     args = parser.parse_args(argv)
     cases = [parse_case(spec) for spec in args.cases] if args.cases else FOCUS_CASES
-    frame = run(args.variants, cases, replays=args.replays, trials=args.trials, captures=args.captures)
+    frame = run(args.variants, cases, replays=args.replays, trials=args.trials, captures=args.captures,
+                warmup_s=args.warmup_s)
     if args.out:
         frame.to_csv(args.out, index=False)
     print(frame.pivot(index="case", columns="variant", values="us").to_string())

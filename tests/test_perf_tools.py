@@ -442,6 +442,26 @@ def test_ab_scheduler_settings_parse_and_reject():
         parse_scheduler_settings(["parts=4"])
 
 
+def test_ab_warm_up_replays_every_graph_before_timing():
+    """perf.ab.warm_up: whole rounds of every graph until the time is up (none for 0 s), synchronising each."""
+    from perf.ab import warm_up
+
+    class Graph:
+        def __init__(self):
+            self.replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    graphs = {"a": Graph(), "b": Graph()}
+    syncs = []
+    assert warm_up(graphs, 0.0, replays=3, synchronize=lambda: syncs.append(1)) == 0
+    assert graphs["a"].replays == 0 and not syncs
+    rounds = warm_up(graphs, 0.05, replays=3, synchronize=lambda: syncs.append(1))
+    assert rounds >= 1 and len(syncs) == rounds
+    assert graphs["a"].replays == graphs["b"].replays == 3 * rounds
+
+
 def test_ab_case_specs():
     from perf.ab import FOCUS_CASES, parse_case
 

@@ -21,8 +21,10 @@ P0 goes over at consumer 0's own max m0 and consumer 1 multiplies it in before i
 enters O_R at m0 and is rescaled with the rest of O_R by exp2(m0 - m1), as O_L is, so the result is
 exact. Handing P0 over only after rescaling it to m1 (FlashMLA's order, and ours before 2026-11-26)
 made stage 0's R half the last thing a pair freed, and its refill from HBM what consumer 0's next QK^T
-waited on; now it is freed once consumer 1's softmax is done (H100: 2-5% faster at 128 x h128 s_q = 2,
-1-2% at small batches, perf/results/2026-11-26-h100-ab-early-p0.csv).
+waited on; now it is freed once consumer 1's softmax is done (H100, interleaved A/B at the boost clock:
+2-5% faster at 128 x h128 s_q = 2, 1-2% at small batches, perf/results/2026-11-26-h100-ab-early-p0.csv;
+at the steady power-capped clock, with the queued P1 V1_R below, 0.8-1.7% at 128 x h128 and within noise at
+small batches, perf/results/2026-11-26-h100-steady-clock-new-vs-old.csv).
 
 Rescaling is lazy (FlashAttention-4's trick, LAZY_RESCALE_THRESHOLD): the reference max m of a row moves
 only when a tile's max exceeds it by more than 2^8, so almost every factor above is exactly 1, and a warp
@@ -528,8 +530,8 @@ class MlaDecodeSeesaw(MlaDecode):
                 self.handoff_signal(handoff, HANDOFF_P1_READY)
             # 3. O_R to m1 and O_R += P1 V1_R, queued right behind P0 V0_R: only a warp that has to
             # rescale O_R (a factor is not 1) waits for P0 V0_R first. Waiting for P0 V0_R before every
-            # P1 V1_R was 0.8-2.5% slower at 128 x h128 in the median capture of three A/B calls, the
-            # same elsewhere (perf/results/2026-11-26-h100-ab-chain.csv).
+            # P1 V1_R was 0.8-2.5% slower at 128 x h128 in the median capture of three A/B calls without
+            # perf.ab's warm-up, the same elsewhere (perf/results/2026-11-26-h100-ab-chain.csv).
             if has1:
                 if n1 * BLOCK_N + BLOCK_N > seqlen:
                     self.zero_v_tail_synced(sK, seqlen - n1 * BLOCK_N, 1, tidx, 1)
