@@ -31,6 +31,8 @@ import torch
 from cutemla.profile import capture_cuda_graph
 from cutemla.testing import DecodeCase, decode_bytes, decode_flops, make_decode_inputs
 
+from . import cases as sweep_cases
+
 # (b, s_q, s_k, h_q, varlen): the cases of the performance issue plus a few neighbours.
 FOCUS_CASES = [
     (128, 1, 16384, 16, True), (128, 1, 16384, 64, True), (128, 1, 16384, 128, True),
@@ -125,20 +127,19 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5, captures=1, warmup_s=
 
 def parse_case(spec: str):
     """``"32x1x2048:h16"`` -> (b, s_q, s_k, h_q, varlen): a FOCUS_CASES entry by name (varlen as listed there),
-    or any case, fixed length unless the spec ends in ``,varlen``."""
+    or any case in perf.cases' grammar (``16x1x8k:h16,varlen``) that uses only its h<N> and fixed/varlen
+    options: perf.ab times bf16, non-causal cases with one KV head."""
     for case in FOCUS_CASES:
         if spec == f"{case[0]}x{case[1]}x{case[2]}:h{case[3]}":
             return case
-    shape, _, rest = spec.partition(":h")
-    heads, _, flag = rest.partition(",")
     try:
-        b, s_q, s_k = (int(x) for x in shape.split("x"))
-        h_q = int(heads)
-    except ValueError:
-        raise SystemExit(f"--cases: {spec!r} is not BxSQxSK:hH[,varlen]") from None
-    if flag not in ("", "varlen"):
-        raise SystemExit(f"--cases: {spec!r}: the only flag is ',varlen'")
-    return (b, s_q, s_k, h_q, flag == "varlen")
+        case = sweep_cases.parse_case(spec)
+    except ValueError as err:
+        raise SystemExit(f"--cases: {err}") from None
+    if case != sweep_cases.SweepCase(case.b, case.s_q, case.s_k, case.h_q, varlen=case.varlen):
+        raise SystemExit(f"--cases: {spec!r}: perf.ab takes only the h<N> and fixed/varlen options "
+                         "(bf16, non-causal, one KV head)")
+    return (case.b, case.s_q, case.s_k, case.h_q, case.varlen)
 
 
 def parse_scheduler_settings(settings):
@@ -156,7 +157,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=["pipelined:auto", "split_s:auto"])
     parser.add_argument("--cases", nargs="+", default=None, metavar="BxSQxSK:hH[,varlen]",
-                        help="these cases instead of FOCUS_CASES, e.g. 1x1x65536:h128 or 16x1x8192:h16,varlen "
+                        help="these cases instead of FOCUS_CASES, e.g. 1x1x65536:h128 or 16x1x8k:h16,varlen "
                              "(a FOCUS_CASES name keeps its varlen flag)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--replays", type=int, default=30)

@@ -468,7 +468,8 @@ def test_ab_case_specs():
     assert parse_case("128x1x16384:h16") == FOCUS_CASES[0]  # a focus case keeps its varlen flag
     assert parse_case("16x1x8192:h16,varlen") == (16, 1, 8192, 16, True)
     assert parse_case("4x2x32768:h64") == (4, 2, 32768, 64, False)
-    for bad in ("16x8192:h16", "16x1x8192:16", "16x1x8192:h16,causal"):
+    assert parse_case("16x1x8k:h16,varlen") == (16, 1, 8192, 16, True)  # perf.cases' grammar
+    for bad in ("16x8192:h16", "16x1x8192:16", "16x1x8192:h16,causal", "16x1x8192:h16,kv2", "16x1x8192:h16,fp16"):
         with pytest.raises(SystemExit, match="--cases"):
             parse_case(bad)
 

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from . import jit  # pins CUTE_DSL_ARCH before cutlass is imported (keep this import first)
+from ..ops import default_num_sms  # the SM count the scheduler plans for (cached per device)
 from ..schedule import DEFAULT_NUM_SMS
 
 import cuda.bindings.driver as cuda
@@ -419,8 +420,6 @@ def combine_kernel_for(dtype, b: int, h_kv: int, rows: int, device="cuda") -> Ca
     if b > MAX_GRID_YZ or h_kv > MAX_GRID_YZ:
         raise ValueError(f"the combine grid puts b ({b}) in z and h_kv ({h_kv}) in y: each must be at most "
                          f"{MAX_GRID_YZ}")
-    from ..ops import default_num_sms  # the SM count the scheduler plans for (cached per device)
-
     return compile_combine(dtype, USE_PDL_DEFAULT, *launch_shape(b, h_kv, rows, default_num_sms(device)))
 
 

@@ -544,10 +544,9 @@ class MlaDecodeSeesaw(MlaDecode):
                 warpgroup.wait_group(0)  # P1 V1_R done: stage 1's R half is free
                 self.release(empty, 3, lane)
                 fills1 += 1
-            else:
+            else:  # no n1: m1 = m0, so the factors are all 1 and O_R stays as it is
                 warpgroup.wait_group(0)
                 self.release(empty, 1, lane)
-                self.rescale_o(acc_O, rescale)
             fills0 += 1
             # 4. the next S1 = Q K^T.
             if has_next:
