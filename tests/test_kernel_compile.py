@@ -64,12 +64,17 @@ def test_seesaw_compiles_to_hopper_design(seesaw_report):
     assert ptx["tma_load"] == 3 * 9
     assert ptx["tma_prefetch"] == (18 if config.endswith("_pf") else 0)
     assert ptx["setmaxnreg"] == 2
+    # The epilogue stages O in sQ and writes whole rows by bulk copy (kernels/epilogue.py): per consumer
+    # one site for `out` and two for the fp32 partials (rows 0-31, then 32-63). Only the LSE goes by
+    # st.global (out and the partial, two rows per quad leader of consumer 0).
+    assert ptx["bulk_store"] == 2 * 3
+    assert ptx["st_global"] <= 4
 
 
 def test_seesaw_has_no_spills_or_serialisation(seesaw_report):
     _, report = seesaw_report
     # The 8-byte spill this once allowed was consumer 0's epilogue (per-element 64-bit output
-    # addresses); per-row bases with column-pair stores removed it.
+    # addresses); per-row bases with column-pair stores removed it, and the staged epilogue keeps none.
     assert report["spill_bytes"] == 0 and report["stack_bytes"] == 0, report
     assert report["ptx"]["local_memory"] == 0
     assert not set(report["ptxas_warnings"]) & {"C7508", "C7510", "C7519"}, report["ptxas_warnings"]

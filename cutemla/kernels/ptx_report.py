@@ -29,6 +29,8 @@ PTX_MARKERS = {
     "wgmma_m64n256k16": r"wgmma\.mma_async\.sync\.aligned\.m64n256k16",
     "tma_load": r"cp\.async\.bulk\.tensor\.\dd\.shared::(?:cta|cluster)\.global",
     "tma_prefetch": r"cp\.async\.bulk\.prefetch\.tensor",
+    "bulk_store": r"cp\.async\.bulk\.global\.shared::cta",  # non-tensor bulk copies, smem -> global
+    "st_global": r"\bst\.global\b",
     "setmaxnreg": r"setmaxnreg",
     "griddepcontrol": r"griddepcontrol",
     "bar_aligned": r"\bbar\.(?:sync|arrive)\b",

@@ -43,6 +43,14 @@ load starts as soon as half a stage is free:
 Producer warp 0 fills stage 0 (and loads Q), warp 1 fills stage 1, each in its release order; every
 K sub-tile has its own full mbarrier. Needs the 576-column head (the P tiles use the RoPE sub-tile).
 
+The epilogue writes O through shared memory (staged_epilogue, kernels/epilogue.py): after the ROW_SUM
+meeting no WGMMA reads sQ any more, so each consumer stages its 64 x 256 block, normalised, in its half of
+sQ's storage and copies whole rows out with cp.async.bulk (fp32 partials in two rounds of 32 rows). Q's
+empty barrier is arrived only once those copies have read sQ, so the next request's Q loads after the
+epilogue instead of during it. Storing straight from the accumulator fragments cost ~10k cycles per
+request at a locked clock; staged, 256x1k h128 runs 7% faster in the parity sweep and 6% at the steady
+clock (perf/results/2026-11-26-h100-ab-epilogue-steady.csv).
+
 Consumer-to-consumer hand-offs go through shared-memory mbarriers with one arrive per thread
 (schedule "seesaw"). The named-barrier form FlashMLA uses (bar.arrive / bar.sync) is kept as schedule
 "seesaw_named" (MlaDecodeSeesaw(..., handoff="named")): it runs at the same speed, but compute-sanitizer
@@ -86,6 +94,10 @@ because a thread arrives after its own reads):
     writer waited ROW_SUM(r+1), which the reader arrives after reading b at request r.
   P tiles (RoPE sub-tile of each stage): rewritten only after the stage is refilled, i.e. after the
     reader's empty-barrier release following its PV WGMMA (the TMA pipeline orders it).
+  sQ as the epilogue's staging tile: written after ROW_SUM, which each consumer arrives after its last
+    QK^T WGMMA completed; the next Q's TMA waits for Q's empty barrier, which each warp arrives after
+    its threads' cp.async.bulk.wait_group.read (a __syncwarp, then lane 0). A consumer's second fp32
+    round rewrites its tile after the first round's copies were read and a warpgroup barrier.
 P0/P1: the writer's stores, fence.proxy.async (each thread), then the arrive; the waiter's WGMMA
 reads the tile after its acquire.
 """
@@ -102,6 +114,7 @@ from cutlass.memory import SmemAllocator
 from ..layouts.smem import v_transposed_view
 from ..layouts.tiles import BLOCK_M, BLOCK_N, D_V, SUBTILE_K
 from . import barriers
+from . import epilogue as epi
 from . import softmax as sm
 from .decode import NUM_THREADS, SMEM_LIMIT, MlaDecode, _fake_args, request_block_range
 
@@ -258,9 +271,11 @@ class MlaDecodeSeesaw(MlaDecode):
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        # The last element: sQ's storage, unswizzled, where the epilogue stages O (sQ is free by then).
         exchange = (storage.sRowMax.get_tensor(cute.make_layout(BLOCK_M)),
                     storage.sScale.get_tensor(cute.make_layout((BLOCK_M, 2))),
-                    storage.sRowSum.get_tensor(cute.make_layout((BLOCK_M, 2, 2))))
+                    storage.sRowSum.get_tensor(cute.make_layout((BLOCK_M, 2, 2))),
+                    storage.sQ.data_ptr())
         barriers = (full, empty, q_bar, handoff)
 
         batch = mSeqlens.shape[0]
@@ -336,7 +351,7 @@ class MlaDecodeSeesaw(MlaDecode):
                  rows):
         """Consumer `wg` (0: O[:, :256] and tiles n0; 1: O[:, 256:] and tiles n1), tidx in 0..127."""
         full, empty, q_bar, handoff = barriers
-        sRowMax, sScale, sRowSum = exchange
+        sRowMax, sScale, sRowSum, sQ_storage = exchange
         g = mOut.shape[0][0]
         s_q = mOut.shape[0][1]
 
@@ -388,15 +403,15 @@ class MlaDecodeSeesaw(MlaDecode):
                     start, end, fills0, fills1, acc_S, acc_O, row_max, row_sum, frags, sK,
                     sRowMax, sScale, (full, empty, handoff), tiled_mma_qk, tiled_mma_pv_rs, tiled_mma_pv_ss,
                     borders, tidx, tile_row, quad_leader, lane, scale_log2)
-            if lane == 0:
-                cute.arch.mbarrier_arrive(q_bar + 1)  # this warp is done with sQ
-
-            # Each warpgroup summed the P of the tiles it scored, both at the final row max.
+            # Each warpgroup summed the P of the tiles it scored, both at the final row max. Past this
+            # meeting neither consumer reads sQ again for this request (their WGMMAs have completed), so
+            # the epilogue may stage O there; it releases sQ for the next request's Q when done.
             row_total = sm.publish_row_sums(row_sum, sRowSum, tile_row, wg, quad_leader, req % 2)
             self.handoff_meet(handoff, HANDOFF_ROW_SUM, (q_fills - 1) % 2)
             row_total = sm.add_peer_row_sums(row_total, sRowSum, tile_row, wg, req % 2)
-            self.epilogue(acc_O, row_max, row_total, tidx, wg, req, kv_head, row0, rows,
-                          mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum)
+            self.staged_epilogue(acc_O, row_max, row_total, tidx, wg, req, kv_head, m_block, row0,
+                                 rows, mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum,
+                                 sQ_storage, q_bar, quad_leader, lane)
 
     @cute.jit
     def consumer0_request(self, start, end, fills0, fills1, acc_S, acc_O, row_max, row_sum, frags,
@@ -553,6 +568,84 @@ class MlaDecodeSeesaw(MlaDecode):
                 self.issue_qk(acc_S, tSrQ, tSrK, tiled_mma_qk, full, 1, fills1 % 2)
                 warpgroup.wait_group(0)
         return fills0, fills1
+
+    @cute.jit
+    def staged_epilogue(self, acc_O, row_max, row_total, tidx, wg, req, kv_head, m_block, row0, rows,
+                        mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum, sQ_storage, q_bar,
+                        quad_leader, lane):
+        """Normalise this consumer's O[:, 256 wg : 256 (wg + 1)] by L and write it (out in q's dtype, or
+        the fp32 split partial) through its half of sQ's storage, one bulk copy per row
+        (kernels/epilogue.py); write the LSE. Then arrive on Q's empty barrier: the next Q may load."""
+        lse2 = sm.normalize_rows(acc_O, row_max, row_total)
+        first_split = mNumSplits[req]
+        is_split = mNumSplits[req + 1] - first_split > 1
+        split = first_split
+        if req == mMeta[part, 0]:
+            split = first_split + mMeta[part, 4]
+        if wg == 0 and quad_leader:
+            for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
+                row = row0 + r * 8
+                if row < rows:
+                    if is_split:
+                        mLseAccum[split, kv_head, row] = lse2[r]
+                    else:
+                        lse_nat = Float32(Float32.inf)
+                        if lse2[r] != -Float32.inf:
+                            lse_nat = lse2[r] * LN2
+                        mLse[row, kv_head, req] = lse_nat
+        col_base = wg * (D_V // 2)
+        if is_split:
+            # 64 x 256 fp32 is 64 KiB, more than this consumer's 36 KiB of sQ: rows 0-31 (warps 0 and 1
+            # hold them) go first, then rows 32-63 (warps 2 and 3) if the M tile has any; thread t < 32
+            # copies one row of 1 KiB. A tile of at most 32 rows (h_q * s_q / h_kv <= 32) takes one round.
+            sO = self.staging_tile(sQ_storage, wg, Float32, BLOCK_M // 2)
+            for h in cutlass.range_constexpr(2):
+                first = m_block * BLOCK_M + h * (BLOCK_M // 2)
+                if first < rows:
+                    if const_expr(h == 1):
+                        cute.arch.cp_async_bulk_wait_group(0, read=True)  # rows 0-31 were read
+                        cute.arch.barrier(barrier_id=BARRIER_WG + wg, number_of_threads=128)
+                    if tidx // 64 == h:
+                        epi.stage_rows(acc_O, tidx, sO, h * (BLOCK_M // 2))
+                    self.publish_staged(wg)
+                    if tidx < BLOCK_M // 2 and first + tidx < rows:
+                        dst = mOAccum[split, kv_head, first + tidx, None].iterator + col_base
+                        epi.bulk_store_row(dst.toint(), (sO.iterator + tidx * sO.stride[0]).toint(),
+                                           D_V // 2 * 4)
+                        cute.arch.cp_async_bulk_commit_group()
+        else:
+            # 64 x 256 in q's 16-bit dtype: 32 KiB in one round; thread t < 64 copies row t (512 bytes).
+            sO = self.staging_tile(sQ_storage, wg, self.dtype, BLOCK_M)
+            epi.stage_rows(acc_O, tidx, sO, 0)
+            self.publish_staged(wg)
+            copy_row = m_block * BLOCK_M + tidx
+            if tidx < BLOCK_M and copy_row < rows:
+                dst = mOut[copy_row, None, kv_head, req].iterator + col_base
+                epi.bulk_store_row(dst.toint(), (sO.iterator + tidx * sO.stride[0]).toint(),
+                                   D_V // 2 * self.dtype.width // 8)
+                cute.arch.cp_async_bulk_commit_group()
+        # The copies have read sQ: the producer may load the next request's Q over it.
+        cute.arch.cp_async_bulk_wait_group(0, read=True)
+        cute.arch.sync_warp()
+        if lane == 0:
+            cute.arch.mbarrier_arrive(q_bar + 1)
+
+    @cute.jit
+    def staging_tile(self, sQ_storage, wg: cutlass.Constexpr[int], dtype: cutlass.Constexpr,
+                     num_rows: cutlass.Constexpr[int]):
+        """Consumer wg's staging tile (num_rows x 256 columns at epilogue.STAGING_PITCH) in its half of
+        sQ's storage."""
+        assert num_rows * epi.STAGING_PITCH * dtype.width // 8 <= self.q_bytes // 2
+        half_elems = (self.q_bytes // 2) // (dtype.width // 8)
+        base = cute.recast_ptr(sQ_storage, dtype=dtype) + wg * half_elems
+        return cute.make_tensor(base, cute.make_layout((num_rows, epi.STAGING_PITCH),
+                                                       stride=(epi.STAGING_PITCH, 1)))
+
+    @cute.jit
+    def publish_staged(self, wg: cutlass.Constexpr[int]):
+        """Make this consumer's staged rows visible to the bulk copies (async proxy) of its threads."""
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=BARRIER_WG + wg, number_of_threads=128)
 
     @cute.jit
     def needs_rescale(self, rescale):
