@@ -144,7 +144,9 @@ def dense_decode_launches(q, kcache, block_table, cache_seqlens, tile_scheduler_
     ``decode(*decode_args)`` then, unless ``combine`` is None, ``combine(*combine_args)`` run it on the current
     stream. out ``[b, s_q, h_q, 512]`` (q's dtype) and lse fp32 ``[b, h_q, s_q]`` must be contiguous;
     o_accum fp32 ``[>= b + num_sm_parts, h_kv, s_q * h_q / h_kv, 512]`` and lse_accum fp32 ``[same, h_kv,
-    rows]`` are the split workspace, contiguous (MLADecoder owns one; prepare_dense_decode allocates one).
+    rows]`` are the split workspace, contiguous (MLADecoder owns one; prepare_dense_decode allocates one). The
+    seesaw writes rows of out and o_accum by bulk copy (kernels/epilogue.py), so their bases must be 16-byte
+    aligned, as torch's allocations (and row slices of them) are.
     """
     b, s_q, h_q, d = q.shape
     h_kv = kcache.shape[2]
