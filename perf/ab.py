@@ -17,6 +17,9 @@ without a warm-up the variant listed first won the best-capture column (perf/REA
 graphs therefore first take turns for ``--warmup-s`` seconds (default 2) before any trial is timed, so every
 timed trial sees the steady clock. ``--captures N`` captures every variant N times, round robin, and reports
 its best capture (`us`) with the median and worst (`us_median_capture`, `us_max_capture`).
+
+To compare two source trees (builds), use ``python -m perf.ab_trees``: it runs this module from each tree's own
+directory, since the working directory comes first on ``sys.path``.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -521,3 +522,65 @@ def test_ncu_waits_names_the_seesaw_barriers(tmp_path):
     assert table.loc["full stage 0 sub-tile 0", "samples"] == 0
     assert table.loc["WGMMA wait (WARPGROUP.DEPBAR)", "samples"] == 15
     assert table.loc["WGMMA issue (HGMMA)", "samples"] == 10
+
+
+def _fake_tree(root, name):
+    pkg = root / name / "cutemla"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    return str(root / name)
+
+
+def test_ab_trees_runs_each_tree_from_its_own_directory(tmp_path):
+    """The pitfall perf.ab_trees exists for: `python -m` (and -c) put the working directory ahead of PYTHONPATH,
+    so a tree given only on PYTHONPATH is ignored; run from the tree's directory, its cutemla is found."""
+    import subprocess
+    import sys
+
+    from perf.ab_trees import REPO_ROOT, child_command
+
+    tree = _fake_tree(tmp_path, "old")
+    probe = [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('cutemla').origin)"]
+    env = dict(os.environ, PYTHONPATH=tree)
+    from_repo = subprocess.run(probe, cwd=REPO_ROOT, env=env, capture_output=True, text=True).stdout.strip()
+    assert os.path.dirname(os.path.dirname(from_repo)) == REPO_ROOT  # the old tree was ignored
+    cmd, child_env, cwd = child_command(tree, ["--cases", "1x1x64:h16"], "x.csv")
+    assert cwd == tree and cmd[1:4] == ["-m", "perf.ab", "--cases"]
+    assert child_env["PYTHONPATH"].split(os.pathsep)[0] == REPO_ROOT  # perf imports from the repository
+    from_tree = subprocess.run(probe, cwd=cwd, env=child_env, capture_output=True, text=True).stdout.strip()
+    assert from_tree == os.path.join(tree, "cutemla", "__init__.py")
+
+
+def test_ab_trees_alternates_trees_and_rejects_a_foreign_cutemla(tmp_path, monkeypatch):
+    import subprocess
+
+    import pandas as pd
+
+    from perf import ab_trees
+
+    new, old = _fake_tree(tmp_path, "new"), _fake_tree(tmp_path, "old")
+    calls = []
+
+    def fake_run(cmd, env, cwd, capture_output, text, timeout, lie=False):
+        calls.append(cwd)
+        out = cmd[cmd.index("--out") + 1]
+        pd.DataFrame({"case": ["c"], "variant": ["seesaw:auto"], "us": [1.0],
+                      "us_median_capture": [2.0 if cwd == new else 3.0]}).to_csv(out, index=False)
+        ran = os.path.join(new if lie else cwd, "cutemla")
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr=f"cutemla from {ran}\n")
+
+    monkeypatch.setattr(ab_trees.subprocess, "run", fake_run)
+    out = str(tmp_path / "ab.csv")
+    args = ["--tree", f"new={new}", "--tree", f"old={old}", "--rounds", "2", "--cases", "1x1x64:h16", "--out", out]
+    assert ab_trees.main(args) == 0
+    assert calls == [new, old, new, old]
+    frame = pd.read_csv(out)
+    assert list(zip(frame["build"], frame["round"])) == [("new", 1), ("old", 1), ("new", 2), ("old", 2)]
+    assert list(frame["us_median_capture"]) == [2.0, 3.0, 2.0, 3.0]
+    monkeypatch.setattr(ab_trees.subprocess, "run", lambda *a, **k: fake_run(*a, **k, lie=True))
+    with pytest.raises(RuntimeError, match="not the tree's own cutemla"):
+        ab_trees.main(args)
+    with pytest.raises(ValueError, match="no cutemla package"):
+        ab_trees.parse_tree(f"x={tmp_path}")
+    with pytest.raises(ValueError, match="expected name=path"):
+        ab_trees.parse_tree("nopath")
