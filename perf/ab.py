@@ -31,6 +31,7 @@ import time
 import pandas as pd
 import torch
 
+import cutemla
 from cutemla.profile import capture_cuda_graph
 from cutemla.testing import DecodeCase, decode_bytes, decode_flops, make_decode_inputs
 
@@ -175,8 +176,6 @@ def main(argv=None):
     cases = [parse_case(spec) for spec in args.cases] if args.cases else FOCUS_CASES
     # Which source tree runs: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH, so an
     # A/B of two trees must run each from its own directory (an "old" tree on PYTHONPATH alone is silently ignored).
-    import cutemla
-
     print(f"cutemla from {os.path.dirname(os.path.abspath(cutemla.__file__))}", file=sys.stderr, flush=True)
     frame = run(args.variants, cases, replays=args.replays, trials=args.trials, captures=args.captures,
                 warmup_s=args.warmup_s)

@@ -25,7 +25,6 @@ whole tiles; these two remain for 512-column heads and as references.
 Outputs: a request that the scheduler did not split writes out/lse directly; a split request writes
 fp32 O/L and the base-2 LSE per split for the combine kernel.
 """
-import math
 from functools import partial
 
 import cutlass
@@ -48,7 +47,6 @@ PRODUCER_REGS, CONSUMER_REGS = 40, 232
 LAUNCH_REGS = (65536 // NUM_THREADS) // 8 * 8
 assert 128 * PRODUCER_REGS + 256 * CONSUMER_REGS <= LAUNCH_REGS * NUM_THREADS
 SMEM_LIMIT = 232448  # 227 KiB, the sm90 per-block opt-in maximum
-LN2 = math.log(2.0)
 # Named barriers between the two consumer warpgroups (256 threads; id 0 is __syncthreads).
 BARRIER_ROW_MAX = 1  # row maxima of a tile published
 BARRIER_P_FREE = 2   # both finished the previous PV: sP may be overwritten
@@ -442,12 +440,7 @@ class MlaDecode:
                  mMeta, part, mOut, mLse, mOAccum, mLseAccum):
         """Normalise O by L; write out/lse, or the fp32 split partials with a base-2 LSE."""
         lse2 = sm.normalize_rows(acc_O, row_max, row_total)
-
-        first_split = mNumSplits[req]
-        is_split = mNumSplits[req + 1] - first_split > 1
-        split = first_split
-        if req == mMeta[part, 0]:
-            split = first_split + mMeta[part, 4]
+        is_split, split = split_slot(mNumSplits, mMeta, part, req)
         col_base = wg * (D_V // 2)
         lane = tidx % 32
         for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
@@ -462,10 +455,7 @@ class MlaDecode:
                 else:
                     sm.store_row(acc_O, r, tidx, col_base, mOut[row, None, kv_head, req], self.dtype)
                     if wg == 0 and lane % 4 == 0:
-                        lse_nat = Float32(Float32.inf)
-                        if lse2[r] != -Float32.inf:
-                            lse_nat = lse2[r] * LN2
-                        mLse[row, kv_head, req] = lse_nat
+                        mLse[row, kv_head, req] = sm.natural_lse(lse2[r])
 
 @cute.jit
 def request_block_range(mSeqlens: cute.Tensor, mMeta: cute.Tensor, part, req, m_block,
@@ -487,6 +477,18 @@ def request_block_range(mSeqlens: cute.Tensor, mMeta: cute.Tensor, part, req, m_
         visible = seqlen - (s_q - 1 - last_row // g)
         end = min(end, (max(visible, 0) + BLOCK_N - 1) // BLOCK_N)
     return start, end, seqlen
+
+
+@cute.jit
+def split_slot(mNumSplits: cute.Tensor, mMeta: cute.Tensor, part, req):
+    """(whether `req` is cut into several splits, the partials slot of this part's piece of it). A request's
+    splits are numbered from mNumSplits[req]; the part that starts inside it holds split mMeta[part, 4]."""
+    first_split = mNumSplits[req]
+    is_split = mNumSplits[req + 1] - first_split > 1
+    split = first_split
+    if req == mMeta[part, 0]:
+        split = first_split + mMeta[part, 4]
+    return is_split, split
 
 
 def _fake_args(dtype, d_qk: int):

@@ -25,8 +25,8 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from ..layouts.fp8_cache import FP8_BYTES_PER_TOKEN
 from . import softmax as sm
-from .decode import request_block_range
-from .sparse_decode import (BARRIER_ROW_SUM, BLOCK_M, BLOCK_N, D_QK, D_V, LN2, LOG2E, NUM_THREADS, TOKENS_PER_WARP,
+from .decode import request_block_range, split_slot
+from .sparse_decode import (BARRIER_ROW_SUM, BLOCK_M, BLOCK_N, D_QK, D_V, LOG2E, NUM_THREADS, TOKENS_PER_WARP,
                             MlaSparseDecodeFp8)
 
 PAGE_SIZE = 64  # one page = one 64-token tile
@@ -178,11 +178,7 @@ class MlaDenseDecodeFp8(MlaSparseDecodeFp8):
                        mOut, mLse, mOAccum, mLseAccum):
         """O / L -> bf16 out and natural lse (+inf when empty); or the split's fp32 O / L and base-2 lse."""
         lse2 = sm.normalize_rows(acc_O, row_max, row_total)
-        first_split = mNumSplits[req]
-        is_split = mNumSplits[req + 1] - first_split > 1
-        split = first_split
-        if req == mMeta[part, 0]:
-            split = first_split + mMeta[part, 4]
+        is_split, split = split_slot(mNumSplits, mMeta, part, req)
         col_base = wg * (D_V // 2)
         lane = tidx % 32
         for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
@@ -197,10 +193,7 @@ class MlaDenseDecodeFp8(MlaSparseDecodeFp8):
                     head = row - s_idx * g
                     sm.store_row(acc_O, r, tidx, col_base, mOut[req, s_idx, head, None], self.dtype)
                     if wg == 0 and lane % 4 == 0:
-                        lse_nat = Float32(Float32.inf)
-                        if lse2[r] != -Float32.inf:
-                            lse_nat = lse2[r] * LN2
-                        mLse[req, head, s_idx] = lse_nat
+                        mLse[req, head, s_idx] = sm.natural_lse(lse2[r])
 
 
 # ----------------------------------------------------------------------------------------------------------

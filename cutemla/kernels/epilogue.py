@@ -27,11 +27,13 @@ STAGING_PITCH = 264  # elements a staged row takes: 256 columns + 8 of padding (
 
 
 @dsl_user_op
-def bulk_store_row(gmem_addr, smem_addr, nbytes: int, *, loc=None, ip=None) -> None:
-    """cp.async.bulk of `nbytes` (a multiple of 16) from shared address `smem_addr` to global address
-    `gmem_addr` (both 16-byte aligned), in this thread's bulk async-group. Commit and wait with
+def bulk_store_row(gmem_ptr, smem_ptr, nbytes: int, *, loc=None, ip=None) -> None:
+    """cp.async.bulk of `nbytes` (a multiple of 16) from shared-memory pointer `smem_ptr` to global pointer
+    `gmem_ptr` (both 16-byte aligned), in this thread's bulk async-group. Commit and wait with
     cute.arch.cp_async_bulk_commit_group / cp_async_bulk_wait_group."""
     assert nbytes % 16 == 0, nbytes
+    gmem_addr = gmem_ptr.toint(loc=loc, ip=ip)  # 64-bit global address
+    smem_addr = smem_ptr.toint(loc=loc, ip=ip)  # 32-bit shared-window address
     llvm.inline_asm(
         None,
         [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(smem_addr).ir_value(loc=loc, ip=ip)],

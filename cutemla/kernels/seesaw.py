@@ -23,8 +23,8 @@ exact. Handing P0 over only after rescaling it to m1 (FlashMLA's order, and ours
 made stage 0's R half the last thing a pair freed, and its refill from HBM what consumer 0's next QK^T
 waited on; now it is freed once consumer 1's softmax is done (H100, interleaved A/B at the boost clock:
 2-5% faster at 128 x h128 s_q = 2, 1-2% at small batches, perf/results/2026-11-26-h100-ab-early-p0.csv;
-at the steady power-capped clock, with the queued P1 V1_R below, 0.8-1.7% at 128 x h128 and within noise at
-small batches, perf/results/2026-11-26-h100-steady-clock-new-vs-old.csv).
+the steady-clock comparison meant to check it ran the same build twice and was withdrawn, see
+perf/README.md).
 
 Rescaling is lazy (FlashAttention-4's trick, LAZY_RESCALE_THRESHOLD): the reference max m of a row moves
 only when a tile's max exceeds it by more than 2^8, so almost every factor above is exactly 1, and a warp
@@ -101,7 +101,6 @@ because a thread arrives after its own reads):
 P0/P1: the writer's stores, fence.proxy.async (each thread), then the arrive; the waiter's WGMMA
 reads the tile after its acquire.
 """
-import math
 from functools import partial
 
 import cutlass
@@ -116,7 +115,7 @@ from ..layouts.tiles import BLOCK_M, BLOCK_N, D_V, SUBTILE_K
 from . import barriers
 from . import epilogue as epi
 from . import softmax as sm
-from .decode import NUM_THREADS, SMEM_LIMIT, MlaDecode, _fake_args, request_block_range
+from .decode import NUM_THREADS, SMEM_LIMIT, MlaDecode, _fake_args, request_block_range, split_slot
 
 D_QK = 576
 NUM_SUBTILES = D_QK // SUBTILE_K
@@ -138,7 +137,6 @@ BARRIER_WG = 6        # 6 + wg: one consumer's zeroed V tail is visible to its W
 # P1 in smem (P1_READY), row sums at the end of a request (ROW_SUM).
 HANDOFF_SCALE0, HANDOFF_SCALE1, HANDOFF_P1_READY, HANDOFF_ROW_SUM = range(4)
 NUM_HANDOFF = 4
-LN2 = math.log(2.0)
 # Lazy rescaling (FlashAttention-4's threshold, log2 units): the reference max moves only when a tile's max
 # exceeds it by more than 2^8, so probabilities stay below 256.
 LAZY_RESCALE_THRESHOLD = 8.0
@@ -577,11 +575,7 @@ class MlaDecodeSeesaw(MlaDecode):
         the fp32 split partial) through its half of sQ's storage, one bulk copy per row
         (kernels/epilogue.py); write the LSE. Then arrive on Q's empty barrier: the next Q may load."""
         lse2 = sm.normalize_rows(acc_O, row_max, row_total)
-        first_split = mNumSplits[req]
-        is_split = mNumSplits[req + 1] - first_split > 1
-        split = first_split
-        if req == mMeta[part, 0]:
-            split = first_split + mMeta[part, 4]
+        is_split, split = split_slot(mNumSplits, mMeta, part, req)
         if wg == 0 and quad_leader:
             for r in cutlass.range_constexpr(sm.ROWS_PER_THREAD):
                 row = row0 + r * 8
@@ -589,10 +583,7 @@ class MlaDecodeSeesaw(MlaDecode):
                     if is_split:
                         mLseAccum[split, kv_head, row] = lse2[r]
                     else:
-                        lse_nat = Float32(Float32.inf)
-                        if lse2[r] != -Float32.inf:
-                            lse_nat = lse2[r] * LN2
-                        mLse[row, kv_head, req] = lse_nat
+                        mLse[row, kv_head, req] = sm.natural_lse(lse2[r])
         col_base = wg * (D_V // 2)
         if is_split:
             # 64 x 256 fp32 is 64 KiB, more than this consumer's 36 KiB of sQ: rows 0-31 (warps 0 and 1
@@ -609,9 +600,8 @@ class MlaDecodeSeesaw(MlaDecode):
                         epi.stage_rows(acc_O, tidx, sO, h * (BLOCK_M // 2))
                     self.publish_staged(wg)
                     if tidx < BLOCK_M // 2 and first + tidx < rows:
-                        dst = mOAccum[split, kv_head, first + tidx, None].iterator + col_base
-                        epi.bulk_store_row(dst.toint(), (sO.iterator + tidx * sO.stride[0]).toint(),
-                                           D_V // 2 * 4)
+                        epi.bulk_store_row(mOAccum[split, kv_head, first + tidx, None].iterator + col_base,
+                                           sO[tidx, None].iterator, D_V // 2 * 4)
                         cute.arch.cp_async_bulk_commit_group()
         else:
             # 64 x 256 in q's 16-bit dtype: 32 KiB in one round; thread t < 64 copies row t (512 bytes).
@@ -620,9 +610,8 @@ class MlaDecodeSeesaw(MlaDecode):
             self.publish_staged(wg)
             copy_row = m_block * BLOCK_M + tidx
             if tidx < BLOCK_M and copy_row < rows:
-                dst = mOut[copy_row, None, kv_head, req].iterator + col_base
-                epi.bulk_store_row(dst.toint(), (sO.iterator + tidx * sO.stride[0]).toint(),
-                                   D_V // 2 * self.dtype.width // 8)
+                epi.bulk_store_row(mOut[copy_row, None, kv_head, req].iterator + col_base,
+                                   sO[tidx, None].iterator, D_V // 2 * self.dtype.width // 8)
                 cute.arch.cp_async_bulk_commit_group()
         # The copies have read sQ: the producer may load the next request's Q over it.
         cute.arch.cp_async_bulk_wait_group(0, read=True)

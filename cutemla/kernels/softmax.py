@@ -9,6 +9,8 @@ holds rows 16w + l//4 and 16w + l//4 + 8; its value i sits in column 8*(i//4) + 
 Running maxima are kept in the scaled log2 domain (logit * softmax_scale * log2(e)), so every
 exponential is one FFMA and one ex2.approx.
 """
+import math
+
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
@@ -18,6 +20,7 @@ from ..layouts.tiles import BLOCK_N
 from . import barriers
 
 ROWS_PER_THREAD = 2
+LN2 = math.log(2.0)
 
 
 @cute.jit
@@ -189,6 +192,16 @@ def normalize_rows(acc_O: cute.Tensor, row_max: cute.Tensor, row_total: cute.Ten
             lse2[r] = -Float32.inf
     rescale_rows(acc_O, inv)
     return lse2
+
+
+@cute.jit
+def natural_lse(lse2: Float32) -> Float32:
+    """A row's final lse from normalize_rows' base-2 LSE: natural log, +inf for a row that attended nothing
+    (base-2 -inf), as the `lse` output reports it."""
+    lse = Float32(Float32.inf)
+    if lse2 != -Float32.inf:
+        lse = lse2 * LN2
+    return lse
 
 
 @cute.jit

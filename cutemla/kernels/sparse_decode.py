@@ -80,7 +80,6 @@ def consumer_regs(producer_regs: int) -> int:
 
 
 SMEM_LIMIT = 232448
-LN2 = math.log(2.0)
 LOG2E = math.log2(math.e)
 # Named barriers between the two consumer warpgroups (256 threads; id 0 is __syncthreads).
 BARRIER_ROW_MAX = 1
@@ -594,10 +593,7 @@ class MlaSparseDecodeFp8:
                 else:
                     sm.store_row(acc_O, r, tidx, col_base, mOut[batch, s_idx, head, None], self.dtype)
                     if wg == 0 and lane % 4 == 0:
-                        lse_nat = Float32(Float32.inf)
-                        if lse2[r] != -Float32.inf:
-                            lse_nat = lse2[r] * LN2
-                        mLse[batch, s_idx, head] = lse_nat
+                        mLse[batch, s_idx, head] = sm.natural_lse(lse2[r])
 
 
 # ----------------------------------------------------------------------------------------------------------
