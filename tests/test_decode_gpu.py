@@ -7,6 +7,7 @@ in bf16 and fp16. Pages past each length are NaN and unused block-table entries 
 kernel that reads them fails. Tolerances are FlashMLA's (cutemla.testing.OUT_TOL / LSE_TOL).
 """
 import itertools
+import os
 
 import pytest
 import torch
@@ -15,6 +16,13 @@ from cutemla.reference import mla_decode_reference
 from cutemla.testing import LSE_TOL, OUT_TOL, DecodeCase, assert_close_flashmla, make_decode_inputs
 
 pytestmark = pytest.mark.gpu
+
+
+def with_env_schedule(schedules):
+    """The schedules named, plus CUTEMLA_DECODE_SCHEDULE (an experiment's variant) when it is set: tests that
+    name their schedules would otherwise never run the one being tried."""
+    extra = os.environ.get("CUTEMLA_DECODE_SCHEDULE")
+    return schedules + [extra] if extra and extra not in schedules else schedules
 
 
 def flashmla_matrix(dtype):
@@ -74,7 +82,7 @@ def check_case(case: DecodeCase, schedule=None):
     assert_close_flashmla("lse", lse, ref_lse, **LSE_TOL)
 
 
-@pytest.mark.parametrize("schedule", ["pipelined", "split_s", "seesaw"])
+@pytest.mark.parametrize("schedule", with_env_schedule(["pipelined", "split_s", "seesaw"]))
 @pytest.mark.parametrize("case", SMOKE, ids=str)
 def test_decode_smoke(case, schedule):
     check_case(case, schedule)
@@ -116,7 +124,7 @@ def test_repeatable_bitwise():
 # (skipped below the threshold 2^8, taken above it), all run many times per row. The cache is made non-negative so that V
 # does not cancel: with signed V the few dominant tokens leave small outputs whose bf16-P rounding error
 # exceeds FlashMLA's relative tolerance on every schedule (3.3% on ~0.02% of elements, cos diff 4e-9).
-@pytest.mark.parametrize("schedule", ["pipelined", "seesaw", "seesaw_exact"])
+@pytest.mark.parametrize("schedule", with_env_schedule(["pipelined", "seesaw", "seesaw_exact"]))
 @pytest.mark.parametrize("case", [
     DecodeCase(b=4, s_q=2, s_k=3000, h_q=128, h_kv=1, varlen=True, causal=True, seed=21),
     DecodeCase(b=2, s_q=1, s_k=5000, h_q=16, h_kv=1, seed=22, dtype=torch.float16),

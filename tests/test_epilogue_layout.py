@@ -1,5 +1,5 @@
 """The seesaw epilogue's staging tile (kernels/epilogue.py): its padded pitch keeps the shared stores conflict-free,
-keeps every bulk-copy address 16-byte aligned, and fits a consumer's half of sQ. Pure arithmetic on the sm90
+keeps every bulk-copy address 16-byte aligned, and fits a consumer's half of K stage 1. Pure arithmetic on the sm90
 m64nN accumulator layout (kernels/softmax.py's docstring): thread t of a warpgroup (lane l of warp w) holds
 rows 16w + l//4 (+ 8), value i in column 8*(i//4) + 2*(l%4) + i%2.
 """
@@ -8,7 +8,7 @@ import pytest
 from cutemla.kernels.epilogue import STAGING_PITCH
 
 BANKS, BANK_BYTES = 32, 4
-Q_BYTES = 64 * 576 * 2  # sQ: 64 rows x 576 bf16 columns; each consumer stages in one half
+STAGE_BYTES = 64 * 576 * 2  # K stage 1: 64 keys x 576 bf16/fp16 columns; each consumer stages in one half
 
 
 def wavefronts(pitch_elems: int, elem_bytes: int, value: int) -> int:
@@ -46,5 +46,6 @@ def test_staging_tile_fits_and_aligns(elem_bytes, rows):
     row_bytes = STAGING_PITCH * elem_bytes
     assert row_bytes % 16 == 0  # cp.async.bulk: 16-byte aligned source rows
     assert (256 * elem_bytes) % 16 == 0  # and a multiple of 16 bytes a copy
-    assert rows * row_bytes <= Q_BYTES // 2  # consumer 1's tile starts at the half: no overlap
-    assert (Q_BYTES // 2) % 16 == 0
+    assert rows * row_bytes <= STAGE_BYTES // 2  # consumer 1's tile starts at the half: no overlap
+    assert (STAGE_BYTES // 2) % 16 == 0
+    assert (64 * 576 * 2) % 1024 == 0  # stage 1 starts 1 KiB aligned (sK is), so both halves are 16-byte aligned

@@ -44,12 +44,16 @@ Producer warp 0 fills stage 0 (and loads Q), warp 1 fills stage 1, each in its r
 K sub-tile has its own full mbarrier. Needs the 576-column head (the P tiles use the RoPE sub-tile).
 
 The epilogue writes O through shared memory (staged_epilogue, kernels/epilogue.py): after the ROW_SUM
-meeting no WGMMA reads sQ any more, so each consumer stages its 64 x 256 block, normalised, in its half of
-sQ's storage and copies whole rows out with cp.async.bulk (fp32 partials in two rounds of 32 rows). Q's
-empty barrier is arrived only once those copies have read sQ, so the next request's Q loads after the
-epilogue instead of during it. Storing straight from the accumulator fragments cost ~10k cycles per
-request at a locked clock; staged, 256x1k h128 runs 7% faster in the parity sweep and 6% at the steady
-clock (perf/results/2026-11-26-h100-ab-epilogue-steady.csv).
+meeting no WGMMA reads sQ or either K stage any more, so each consumer stages its 64 x 256 block,
+normalised, in its half of K stage 1 and copies whole rows out with cp.async.bulk (fp32 partials in two
+rounds of 32 rows). Storing straight from the accumulator fragments cost ~10k cycles per request at a
+locked clock; staged, 256x1k h128 runs 7% faster in the parity sweep and 6% at the steady clock
+(perf/results/2026-11-26-h100-ab-epilogue-steady.csv). Stage 1 rather than sQ: Q's empty barrier is
+arrived at the ROW_SUM meeting, so the next request's Q and its first n0 tile (stage 0) load during the
+epilogue; only producer 1 waits for it (STAGING_DONE) before loading the next request's tiles into stage 1,
+and consumer 1 needs its n1 only after consumer 0's first QK^T and softmax. Staged in sQ, both Q and n0
+loaded after the epilogue: 2.3% slower at 256x1k h128 and 1.6% at 128x2x4k h128, the same elsewhere
+(perf/results/2026-11-26-h100-ab-stage-kv.csv, steady clock).
 
 Consumer-to-consumer hand-offs go through shared-memory mbarriers with one arrive per thread
 (schedule "seesaw"). The named-barrier form FlashMLA uses (bar.arrive / bar.sync) is kept as schedule
@@ -68,6 +72,13 @@ shared-memory accesses are ordered before the waiter's later ones. The protocol,
   2     P1_READY   consumer 1, step 2        consumer 0, step 4  fills1 % 2   (pairs with an n1)
         (both only when the pair has an n1)
   3     ROW_SUM    both, end of request      both                (q_fills - 1) % 2 (requests so far)
+
+and two more words of SharedStorage.mbar_q next to Q's full barrier (word 0), counts 8 (every consumer warp):
+  1     Q_EMPTY       each consumer warp, after ROW_SUM       producer 0, before loading a request's Q
+  2     STAGING_DONE  each consumer warp, after its epilogue's  producer 1, before loading a request's
+                      bulk copies read stage 1                 first tile
+  both waited with parity (requests the producer warp has started % 2) ^ 1: a fresh barrier counts as
+  having completed the phase before its first one.
 
 fills0, fills1 and q_fills are the counters both consumers already keep for the TMA barriers (fills0
 counts pairs, fills1 pairs with an n1, q_fills requests), fills0 / fills1 read before the pair
@@ -94,10 +105,15 @@ because a thread arrives after its own reads):
     writer waited ROW_SUM(r+1), which the reader arrives after reading b at request r.
   P tiles (RoPE sub-tile of each stage): rewritten only after the stage is refilled, i.e. after the
     reader's empty-barrier release following its PV WGMMA (the TMA pipeline orders it).
-  sQ as the epilogue's staging tile: written after ROW_SUM, which each consumer arrives after its last
-    QK^T WGMMA completed; the next Q's TMA waits for Q's empty barrier, which each warp arrives after
-    its threads' cp.async.bulk.wait_group.read (a __syncwarp, then lane 0). A consumer's second fp32
-    round rewrites its tile after the first round's copies were read and a warpgroup barrier.
+  sQ: the next Q's TMA waits for Q_EMPTY, which each warp arrives after its ROW_SUM wait; both consumers
+    arrive ROW_SUM after their last QK^T WGMMA completed.
+  K stage 1 as the epilogue's staging tile: written after ROW_SUM, which each consumer arrives after its
+    last WGMMA completed (so every read of the request's last stage-1 tile, QK^T, P1 and V1, is done);
+    no TMA load is in flight into it then (every tile producer 1 loaded was consumed, and it loads the
+    next request's tiles only after STAGING_DONE), which each warp arrives after its threads'
+    cp.async.bulk.wait_group.read (a __syncwarp, then lane 0). A consumer's second fp32 round rewrites
+    its tile after the first round's copies were read and a warpgroup barrier. Stage 0 is not touched:
+    producer 0 may already be loading the next request's n0 into it.
 P0/P1: the writer's stores, fence.proxy.async (each thread), then the arrive; the waiter's WGMMA
 reads the tile after its acquire.
 """
@@ -187,7 +203,7 @@ class MlaDecodeSeesaw(MlaDecode):
         class SharedStorage:
             mbar_full: cute.struct.MemRange[cutlass.Int64, 2 * NUM_SUBTILES]
             mbar_empty: cute.struct.MemRange[cutlass.Int64, 4]
-            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]  # full, empty
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 3]  # Q full, Q_EMPTY, STAGING_DONE
             # SCALE0, SCALE1, P1_READY, ROW_SUM (unused with handoff="named"; the 32 bytes sit
             # inside the 1 KiB the barriers already take before sQ's alignment)
             mbar_handoff: cute.struct.MemRange[cutlass.Int64, NUM_HANDOFF]
@@ -259,7 +275,8 @@ class MlaDecodeSeesaw(MlaDecode):
             for i in cutlass.range_constexpr(4):
                 cute.arch.mbarrier_init(empty + i, 4)  # one arrive per warp of the releasing WG
             cute.arch.mbarrier_init(q_bar, 1)
-            cute.arch.mbarrier_init(q_bar + 1, 8)  # every consumer warp is done with sQ
+            cute.arch.mbarrier_init(q_bar + 1, 8)  # Q_EMPTY: every consumer warp is done with sQ
+            cute.arch.mbarrier_init(q_bar + 2, 8)  # STAGING_DONE: every warp's copies read stage 1
             if const_expr(self.mbarrier_handoff):
                 for i in cutlass.range_constexpr(NUM_HANDOFF):
                     # One consumer arrives at each, except ROW_SUM where both do.
@@ -269,11 +286,11 @@ class MlaDecodeSeesaw(MlaDecode):
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        # The last element: sQ's storage, unswizzled, where the epilogue stages O (sQ is free by then).
+        # The last element: K stage 1's storage, unswizzled, where the epilogue stages O.
         exchange = (storage.sRowMax.get_tensor(cute.make_layout(BLOCK_M)),
                     storage.sScale.get_tensor(cute.make_layout((BLOCK_M, 2))),
                     storage.sRowSum.get_tensor(cute.make_layout((BLOCK_M, 2, 2))),
-                    storage.sQ.data_ptr())
+                    storage.sK.data_ptr() + BLOCK_N * self.d_qk)
         barriers = (full, empty, q_bar, handoff)
 
         batch = mSeqlens.shape[0]
@@ -310,18 +327,22 @@ class MlaDecodeSeesaw(MlaDecode):
         kv_hint = {"cache_policy": cutlass.Int64(L2_EVICT_FIRST)} if const_expr(self.evict_first_kv) else {}
         rows = mQ.shape[0]
         fills = Int32(0)  # tiles this stage has received so far
-        q_fills = Int32(0)
+        started = Int32(0)  # requests this warp has started: the parity of Q_EMPTY / STAGING_DONE
         for req in cutlass.range(mMeta[part, 0], mMeta[part, 1] + 1, unroll=1):
             start, end, seqlen = request_block_range(mSeqlens, mMeta, part, req, m_block, is_causal,
                                                   g, s_q, rows)
+            if const_expr(stage == 1):
+                # The previous request's epilogue staged O in stage 1: wait until its copies read it.
+                cute.arch.mbarrier_wait(q_bar + 2, (started % 2) ^ 1)
+                started += 1
             if const_expr(stage == 0):
                 tQsQ, tQgQ = self.q_tma_partition(tma_atom_Q, mQ, sQ, kv_head, req, m_block)
                 # A fresh mbarrier counts as having completed the phase before its first one.
-                cute.arch.mbarrier_wait(q_bar + 1, (q_fills % 2) ^ 1)
+                cute.arch.mbarrier_wait(q_bar + 1, (started % 2) ^ 1)
                 with cute.arch.elect_one():
                     cute.arch.mbarrier_arrive_and_expect_tx(q_bar, self.q_bytes)
                 cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=q_bar)
-                q_fills += 1
+                started += 1
             for n in cutlass.range(start + stage, end, 2, unroll=1):
                 page = mBlockTable[req, n]
                 for h in cutlass.range_constexpr(2):
@@ -349,7 +370,7 @@ class MlaDecodeSeesaw(MlaDecode):
                  rows):
         """Consumer `wg` (0: O[:, :256] and tiles n0; 1: O[:, 256:] and tiles n1), tidx in 0..127."""
         full, empty, q_bar, handoff = barriers
-        sRowMax, sScale, sRowSum, sQ_storage = exchange
+        sRowMax, sScale, sRowSum, staging_storage = exchange
         g = mOut.shape[0][0]
         s_q = mOut.shape[0][1]
 
@@ -402,14 +423,18 @@ class MlaDecodeSeesaw(MlaDecode):
                     sRowMax, sScale, (full, empty, handoff), tiled_mma_qk, tiled_mma_pv_rs, tiled_mma_pv_ss,
                     borders, tidx, tile_row, quad_leader, lane, scale_log2)
             # Each warpgroup summed the P of the tiles it scored, both at the final row max. Past this
-            # meeting neither consumer reads sQ again for this request (their WGMMAs have completed), so
-            # the epilogue may stage O there; it releases sQ for the next request's Q when done.
+            # meeting neither consumer reads sQ or a K stage again for this request (their WGMMAs have
+            # completed): sQ is released for the next request's Q now, and the epilogue stages O in
+            # stage 1, which it releases (STAGING_DONE) when done.
             row_total = sm.publish_row_sums(row_sum, sRowSum, tile_row, wg, quad_leader, req % 2)
             self.handoff_meet(handoff, HANDOFF_ROW_SUM, (q_fills - 1) % 2)
             row_total = sm.add_peer_row_sums(row_total, sRowSum, tile_row, wg, req % 2)
+            cute.arch.sync_warp()
+            if lane == 0:
+                cute.arch.mbarrier_arrive(q_bar + 1)  # Q_EMPTY
             self.staged_epilogue(acc_O, row_max, row_total, tidx, wg, req, kv_head, m_block, row0,
                                  rows, mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum,
-                                 sQ_storage, q_bar, quad_leader, lane)
+                                 staging_storage, q_bar, quad_leader, lane)
 
     @cute.jit
     def consumer0_request(self, start, end, fills0, fills1, acc_S, acc_O, row_max, row_sum, frags,
@@ -569,11 +594,11 @@ class MlaDecodeSeesaw(MlaDecode):
 
     @cute.jit
     def staged_epilogue(self, acc_O, row_max, row_total, tidx, wg, req, kv_head, m_block, row0, rows,
-                        mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum, sQ_storage, q_bar,
+                        mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum, staging_storage, q_bar,
                         quad_leader, lane):
         """Normalise this consumer's O[:, 256 wg : 256 (wg + 1)] by L and write it (out in q's dtype, or
-        the fp32 split partial) through its half of sQ's storage, one bulk copy per row
-        (kernels/epilogue.py); write the LSE. Then arrive on Q's empty barrier: the next Q may load."""
+        the fp32 split partial) through its half of K stage 1's storage, one bulk copy per row
+        (kernels/epilogue.py); write the LSE. Then arrive on STAGING_DONE: producer 1 may refill stage 1."""
         lse2 = sm.normalize_rows(acc_O, row_max, row_total)
         is_split, split = split_slot(mNumSplits, mMeta, part, req)
         if wg == 0 and quad_leader:
@@ -586,10 +611,10 @@ class MlaDecodeSeesaw(MlaDecode):
                         mLse[row, kv_head, req] = sm.natural_lse(lse2[r])
         col_base = wg * (D_V // 2)
         if is_split:
-            # 64 x 256 fp32 is 64 KiB, more than this consumer's 36 KiB of sQ: rows 0-31 (warps 0 and 1
+            # 64 x 256 fp32 is 64 KiB, more than this consumer's 36 KiB of stage 1: rows 0-31 (warps 0 and 1
             # hold them) go first, then rows 32-63 (warps 2 and 3) if the M tile has any; thread t < 32
             # copies one row of 1 KiB. A tile of at most 32 rows (h_q * s_q / h_kv <= 32) takes one round.
-            sO = self.staging_tile(sQ_storage, wg, Float32, BLOCK_M // 2)
+            sO = self.staging_tile(staging_storage, wg, Float32, BLOCK_M // 2)
             for h in cutlass.range_constexpr(2):
                 first = m_block * BLOCK_M + h * (BLOCK_M // 2)
                 if first < rows:
@@ -605,7 +630,7 @@ class MlaDecodeSeesaw(MlaDecode):
                         cute.arch.cp_async_bulk_commit_group()
         else:
             # 64 x 256 in q's 16-bit dtype: 32 KiB in one round; thread t < 64 copies row t (512 bytes).
-            sO = self.staging_tile(sQ_storage, wg, self.dtype, BLOCK_M)
+            sO = self.staging_tile(staging_storage, wg, self.dtype, BLOCK_M)
             epi.stage_rows(acc_O, tidx, sO, 0)
             self.publish_staged(wg)
             copy_row = m_block * BLOCK_M + tidx
@@ -613,20 +638,21 @@ class MlaDecodeSeesaw(MlaDecode):
                 epi.bulk_store_row(mOut[copy_row, None, kv_head, req].iterator + col_base,
                                    sO[tidx, None].iterator, D_V // 2 * self.dtype.width // 8)
                 cute.arch.cp_async_bulk_commit_group()
-        # The copies have read sQ: the producer may load the next request's Q over it.
+        # The copies have read stage 1: producer 1 may load the next request's tiles over it.
         cute.arch.cp_async_bulk_wait_group(0, read=True)
         cute.arch.sync_warp()
         if lane == 0:
-            cute.arch.mbarrier_arrive(q_bar + 1)
+            cute.arch.mbarrier_arrive(q_bar + 2)  # STAGING_DONE
 
     @cute.jit
-    def staging_tile(self, sQ_storage, wg: cutlass.Constexpr[int], dtype: cutlass.Constexpr,
+    def staging_tile(self, staging_storage, wg: cutlass.Constexpr[int], dtype: cutlass.Constexpr,
                      num_rows: cutlass.Constexpr[int]):
         """Consumer wg's staging tile (num_rows x 256 columns at epilogue.STAGING_PITCH) in its half of
-        sQ's storage."""
-        assert num_rows * epi.STAGING_PITCH * dtype.width // 8 <= self.q_bytes // 2
-        half_elems = (self.q_bytes // 2) // (dtype.width // 8)
-        base = cute.recast_ptr(sQ_storage, dtype=dtype) + wg * half_elems
+        K stage 1's storage (BLOCK_N x d_qk elements, as many bytes as sQ)."""
+        stage_bytes = BLOCK_N * self.d_qk * self.dtype.width // 8
+        assert num_rows * epi.STAGING_PITCH * dtype.width // 8 <= stage_bytes // 2
+        half_elems = (stage_bytes // 2) // (dtype.width // 8)
+        base = cute.recast_ptr(staging_storage, dtype=dtype) + wg * half_elems
         return cute.make_tensor(base, cute.make_layout((num_rows, epi.STAGING_PITCH),
                                                        stride=(epi.STAGING_PITCH, 1)))
 
