@@ -64,7 +64,7 @@ def test_seesaw_compiles_to_hopper_design(seesaw_report):
     assert ptx["tma_load"] == 3 * 9
     assert ptx["tma_prefetch"] == (18 if config.endswith("_pf") else 0)
     assert ptx["setmaxnreg"] == 2
-    # The epilogue stages O in sQ and writes whole rows by bulk copy (kernels/epilogue.py): per consumer
+    # The epilogue stages O in K stage 1 and writes whole rows by bulk copy (kernels/epilogue.py): per consumer
     # one site for `out` and two for the fp32 partials (rows 0-31, then 32-63). Only the LSE goes by
     # st.global (out and the partial, two rows per quad leader of consumer 0).
     assert ptx["bulk_store"] == 2 * 3
