@@ -17,28 +17,22 @@ are multiples of 512 elements.
 """
 import cutlass
 import cutlass.cute as cute
-from cutlass import Int32, Int64
-from cutlass._mlir.dialects import llvm
-from cutlass.cutlass_dsl import dsl_user_op
+from cutlass.cute.nvgpu import cpasync
 
 from .softmax import acc_row_col
 
 STAGING_PITCH = 264  # elements a staged row takes: 256 columns + 8 of padding (see the module docstring)
 
 
-@dsl_user_op
-def bulk_store_row(gmem_ptr, smem_ptr, nbytes: int, *, loc=None, ip=None) -> None:
-    """cp.async.bulk of `nbytes` (a multiple of 16) from shared-memory pointer `smem_ptr` to global pointer
-    `gmem_ptr` (both 16-byte aligned), in this thread's bulk async-group. Commit and wait with
-    cute.arch.cp_async_bulk_commit_group / cp_async_bulk_wait_group."""
-    assert nbytes % 16 == 0, nbytes
-    gmem_addr = gmem_ptr.toint(loc=loc, ip=ip)  # 64-bit global address
-    smem_addr = smem_ptr.toint(loc=loc, ip=ip)  # 32-bit shared-window address
-    llvm.inline_asm(
-        None,
-        [Int64(gmem_addr).ir_value(loc=loc, ip=ip), Int32(smem_addr).ir_value(loc=loc, ip=ip)],
-        f"cp.async.bulk.global.shared::cta.bulk_group [$0], [$1], {nbytes};",
-        "l,r", has_side_effects=True, loc=loc, ip=ip)
+@cute.jit
+def bulk_store_row(dst_row: cute.Tensor, src_row: cute.Tensor):
+    """cp.async.bulk (CopyBulkS2GOp) of the staged shared-memory row `src_row` to the global row `dst_row`:
+    the first size(dst_row) elements, both 16-byte aligned and 16-byte multiples, in this thread's bulk
+    async-group. Commit and wait with cute.arch.cp_async_bulk_commit_group / cp_async_bulk_wait_group."""
+    n = cute.size(dst_row)
+    atom = cute.make_copy_atom(cpasync.CopyBulkS2GOp(), src_row.element_type,
+                               num_bits_per_copy=n * src_row.element_type.width)
+    cute.copy(atom, cute.local_tile(src_row, (n,), (0,)), dst_row)
 
 
 @cute.jit

@@ -604,7 +604,6 @@ class MlaDecodeSeesaw(MlaDecode):
                         mLseAccum[split, kv_head, row] = lse2[r]
                     else:
                         mLse[row, kv_head, req] = sm.natural_lse(lse2[r])
-        col_base = wg * (D_V // 2)
         if is_split:
             # 64 x 256 fp32 is 64 KiB, more than this consumer's 36 KiB of stage 1: rows 0-31 (warps 0 and 1
             # hold them) go first, then rows 32-63 (warps 2 and 3) if the M tile has any; thread t < 32
@@ -620,8 +619,8 @@ class MlaDecodeSeesaw(MlaDecode):
                         epi.stage_rows(acc_O, tidx, sO, h * (BLOCK_M // 2))
                     self.publish_staged(wg)
                     if tidx < BLOCK_M // 2 and first + tidx < rows:
-                        epi.bulk_store_row(mOAccum[split, kv_head, first + tidx, None].iterator + col_base,
-                                           sO[tidx, None].iterator, D_V // 2 * 4)
+                        epi.bulk_store_row(cute.local_tile(mOAccum[split, kv_head, first + tidx, None],
+                                                           (D_V // 2,), (wg,)), sO[tidx, None])
                         cute.arch.cp_async_bulk_commit_group()
         else:
             # 64 x 256 in q's 16-bit dtype: 32 KiB in one round; thread t < 64 copies row t (512 bytes).
@@ -630,8 +629,8 @@ class MlaDecodeSeesaw(MlaDecode):
             self.publish_staged(wg)
             copy_row = m_block * BLOCK_M + tidx
             if tidx < BLOCK_M and copy_row < rows:
-                epi.bulk_store_row(mOut[copy_row, None, kv_head, req].iterator + col_base,
-                                   sO[tidx, None].iterator, D_V // 2 * self.dtype.width // 8)
+                epi.bulk_store_row(cute.local_tile(mOut[copy_row, None, kv_head, req], (D_V // 2,), (wg,)),
+                                   sO[tidx, None])
                 cute.arch.cp_async_bulk_commit_group()
         # The copies have read stage 1: producer 1 may load the next request's tiles over it.
         cute.arch.cp_async_bulk_wait_group(0, read=True)
