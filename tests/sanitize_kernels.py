@@ -57,7 +57,7 @@ CASES: Dict[str, RandomSpec] = {
     "split_and_unsplit": _spec(seqlens=(3000, 5, 64, 0, 700), s_q=4, causal=True, h_q=32, h_kv=1),
     # Many requests of at most one page: each partition holds several whole requests, none is split.
     "unsplit_many": _spec(seqlens=tuple(i * 7 % 64 + 1 for i in range(200)), h_q=16),
-    # Many rows (160 x h_q 64): the combine's loop shape, its CTAs visiting the split requests among unsplit ones.
+    # Many rows (160 x h_q 64): the combine's many-rows shape (a warp per row), split requests among unsplit ones.
     "many_rows_split": _spec(seqlens=tuple(i * 131 % 2000 + 1 for i in range(160)), h_q=64),
     "d512_fp16_views": _spec(seqlens=(513, 40), d=512, dtype=torch.float16, q_view="head_slice",
                              cache_view="pool_offset", table_view="row_slice", garbage="alias"),
