@@ -584,3 +584,22 @@ def test_ab_trees_alternates_trees_and_rejects_a_foreign_cutemla(tmp_path, monke
         ab_trees.parse_tree(f"x={tmp_path}")
     with pytest.raises(ValueError, match="expected name=path"):
         ab_trees.parse_tree("nopath")
+
+
+def test_graph_stages_rows_and_combine_share(monkeypatch):
+    """perf.graph_stages: one row per case, combine_share = 1 - decode / call, NaN for a missing combine graph
+    (nothing split); the GPU parts (inputs, graphs, timing) are stubbed."""
+    from perf import graph_stages
+
+    timings = iter([{"call": 100.0, "decode": 90.0, "combine": 12.0}, {"call": 50.0, "decode": 50.0}])
+    monkeypatch.setattr(graph_stages, "make_decode_inputs", lambda case, **kw: case)
+    monkeypatch.setattr(graph_stages, "stage_graphs", lambda data, s_q, h_q, schedule=None: {})
+    monkeypatch.setattr(graph_stages, "time_interleaved", lambda graphs, trials, replays, warmup_s: next(timings))
+    monkeypatch.setattr(graph_stages.torch.cuda, "get_device_name", lambda: "fake")
+    monkeypatch.setattr(graph_stages.torch.cuda, "empty_cache", lambda: None)
+    frame = graph_stages.run([(128, 2, 4096, 128, True), (1, 1, 64, 16, False)])
+    assert list(frame["case"]) == ["128x2x4096:h128,varlen", "1x1x64:h16"]
+    assert frame["combine_share"].tolist() == [0.1, 0.0]
+    assert frame["combine_us"].iloc[0] == 12.0 and math.isnan(frame["combine_us"].iloc[1])
+    with pytest.raises(SystemExit):
+        graph_stages.main(["--cases", "not-a-case"])
