@@ -117,7 +117,7 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5, captures=1, warmup_s=
         for variant in variants:
             per_capture = [timed[(variant, c)] for c in range(captures)]
             us = min(per_capture)
-            rows.append(dict(case=f"{b}x{s_q}x{s_k}:h{h_q}" + (",varlen" if varlen else ""),
+            rows.append(dict(case=case_label(b, s_q, s_k, h_q, varlen),
                              variant=variant, us=round(us, 2), tflops=round(flops / us / 1e6, 1),
                              gbps=round(nbytes / us / 1e3),
                              us_median_capture=round(float(pd.Series(per_capture).median()), 2),
@@ -127,6 +127,11 @@ def run(variants, cases=FOCUS_CASES, replays=30, trials=5, captures=1, warmup_s=
         data = meta = num_splits = plans = graphs = None  # free the inputs before the next case
         torch.cuda.empty_cache()
     return pd.DataFrame(rows)
+
+
+def case_label(b: int, s_q: int, s_k: int, h_q: int, varlen: bool) -> str:
+    """The `case` column of a FOCUS_CASES-style tuple, e.g. ``128x2x4096:h128,varlen`` (parse_case reads it back)."""
+    return f"{b}x{s_q}x{s_k}:h{h_q}" + (",varlen" if varlen else "")
 
 
 def parse_case(spec: str):

@@ -24,7 +24,7 @@ import torch
 from cutemla.profile import capture_cuda_graph
 from cutemla.testing import DecodeCase, make_decode_inputs
 
-from .ab import FOCUS_CASES, parse_case, time_interleaved
+from .ab import FOCUS_CASES, case_label, parse_case, time_interleaved
 
 STAGES = ("call", "decode", "combine")
 
@@ -56,7 +56,7 @@ def run(cases=FOCUS_CASES, replays: int = 30, trials: int = 5, warmup_s: float =
         data = make_decode_inputs(case, device="cuda", generate_on_device=True)
         graphs = stage_graphs(data, s_q, h_q, schedule)
         timed = time_interleaved(graphs, trials, replays, warmup_s)
-        row = dict(case=f"{b}x{s_q}x{s_k}:h{h_q}" + (",varlen" if varlen else ""))
+        row = dict(case=case_label(b, s_q, s_k, h_q, varlen))
         row.update({f"{stage}_us": round(timed[stage], 2) if stage in timed else float("nan")
                     for stage in STAGES})
         row["combine_share"] = round(1.0 - timed["decode"] / timed["call"], 4)

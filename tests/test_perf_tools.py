@@ -535,7 +535,6 @@ def test_ab_trees_runs_each_tree_from_its_own_directory(tmp_path):
     """The pitfall perf.ab_trees exists for: `python -m` (and -c) put the working directory ahead of PYTHONPATH,
     so a tree given only on PYTHONPATH is ignored; run from the tree's directory, its cutemla is found."""
     import subprocess
-    import sys
 
     from perf.ab_trees import REPO_ROOT, child_command
 
@@ -553,8 +552,6 @@ def test_ab_trees_runs_each_tree_from_its_own_directory(tmp_path):
 
 def test_ab_trees_alternates_trees_and_rejects_a_foreign_cutemla(tmp_path, monkeypatch):
     import subprocess
-
-    import pandas as pd
 
     from perf import ab_trees
 
@@ -603,3 +600,12 @@ def test_graph_stages_rows_and_combine_share(monkeypatch):
     assert frame["combine_us"].iloc[0] == 12.0 and math.isnan(frame["combine_us"].iloc[1])
     with pytest.raises(SystemExit):
         graph_stages.main(["--cases", "not-a-case"])
+
+
+def test_ab_case_label_reads_back():
+    """perf.ab's `case` column (shared by perf.graph_stages) parses back to the same case through --cases."""
+    from perf.ab import case_label, parse_case
+
+    for case in [(128, 2, 4096, 128, True), (1, 1, 65536, 128, False), (32, 1, 2048, 16, False)]:
+        assert parse_case(case_label(*case)) == case
+    assert case_label(128, 2, 4096, 128, True) == "128x2x4096:h128,varlen"
