@@ -148,6 +148,9 @@ BARRIER_WG = 6        # 6 + wg: one consumer's zeroed V tail is visible to its W
 # P1 in smem (P1_READY), row sums at the end of a request (ROW_SUM).
 HANDOFF_SCALE0, HANDOFF_SCALE1, HANDOFF_P1_READY, HANDOFF_ROW_SUM = range(4)
 NUM_HANDOFF = 4
+# The words of SharedStorage.mbar_q: Q loaded (TMA), sQ free (Q_EMPTY), the epilogue's copies have read stage 1
+# (STAGING_DONE); see the protocol at the top.
+Q_FULL, Q_EMPTY, STAGING_DONE = range(3)
 # Lazy rescaling (FlashAttention-4's threshold, log2 units): the reference max moves only when a tile's max
 # exceeds it by more than 2^8, so probabilities stay below 256.
 LAZY_RESCALE_THRESHOLD = 8.0
@@ -269,9 +272,9 @@ class MlaDecodeSeesaw(MlaDecode):
                 cute.arch.mbarrier_init(full + i, 1)  # the producer's arrive + TMA bytes
             for i in cutlass.range_constexpr(4):
                 cute.arch.mbarrier_init(empty + i, 4)  # one arrive per warp of the releasing WG
-            cute.arch.mbarrier_init(q_bar, 1)
-            cute.arch.mbarrier_init(q_bar + 1, 8)  # Q_EMPTY: every consumer warp is done with sQ
-            cute.arch.mbarrier_init(q_bar + 2, 8)  # STAGING_DONE: every warp's copies read stage 1
+            cute.arch.mbarrier_init(q_bar + Q_FULL, 1)
+            cute.arch.mbarrier_init(q_bar + Q_EMPTY, 8)  # every consumer warp is done with sQ
+            cute.arch.mbarrier_init(q_bar + STAGING_DONE, 8)  # every consumer warp's copies read stage 1
             if const_expr(self.mbarrier_handoff):
                 for i in cutlass.range_constexpr(NUM_HANDOFF):
                     # One consumer arrives at each, except ROW_SUM where both do.
@@ -328,15 +331,15 @@ class MlaDecodeSeesaw(MlaDecode):
                                                   g, s_q, rows)
             if const_expr(stage == 1):
                 # The previous request's epilogue staged O in stage 1: wait until its copies read it.
-                cute.arch.mbarrier_wait(q_bar + 2, (started % 2) ^ 1)
+                cute.arch.mbarrier_wait(q_bar + STAGING_DONE, (started % 2) ^ 1)
                 started += 1
             if const_expr(stage == 0):
                 tQsQ, tQgQ = self.q_tma_partition(tma_atom_Q, mQ, sQ, kv_head, req, m_block)
                 # A fresh mbarrier counts as having completed the phase before its first one.
-                cute.arch.mbarrier_wait(q_bar + 1, (started % 2) ^ 1)
+                cute.arch.mbarrier_wait(q_bar + Q_EMPTY, (started % 2) ^ 1)
                 with cute.arch.elect_one():
-                    cute.arch.mbarrier_arrive_and_expect_tx(q_bar, self.q_bytes)
-                cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=q_bar)
+                    cute.arch.mbarrier_arrive_and_expect_tx(q_bar + Q_FULL, self.q_bytes)
+                cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=q_bar + Q_FULL)
                 started += 1
             for n in cutlass.range(start + stage, end, 2, unroll=1):
                 page = mBlockTable[req, n]
@@ -404,7 +407,7 @@ class MlaDecodeSeesaw(MlaDecode):
             row_sum.fill(0.0)
             acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N)), Float32)
 
-            cute.arch.mbarrier_wait(q_bar, q_fills % 2)
+            cute.arch.mbarrier_wait(q_bar + Q_FULL, q_fills % 2)
             q_fills += 1
             frags = (tSrQ, tSrK, tOrVt_rs, tOrVt_ss, tOsP, tPsP)
             if const_expr(wg == 0):
@@ -425,8 +428,7 @@ class MlaDecodeSeesaw(MlaDecode):
             self.handoff_meet(handoff, HANDOFF_ROW_SUM, (q_fills - 1) % 2)
             row_total = sm.add_peer_row_sums(row_total, sRowSum, tile_row, wg, req % 2)
             cute.arch.sync_warp()
-            if lane == 0:
-                cute.arch.mbarrier_arrive(q_bar + 1)  # Q_EMPTY
+            self.release(q_bar, Q_EMPTY, lane)
             self.staged_epilogue(acc_O, row_max, row_total, tidx, wg, req, kv_head, m_block, row0,
                                  rows, mNumSplits, mMeta, part, mOut, mLse, mOAccum, mLseAccum,
                                  staging_storage, q_bar, quad_leader, lane)
@@ -635,8 +637,7 @@ class MlaDecodeSeesaw(MlaDecode):
         # The copies have read stage 1: producer 1 may load the next request's tiles over it.
         cute.arch.cp_async_bulk_wait_group(0, read=True)
         cute.arch.sync_warp()
-        if lane == 0:
-            cute.arch.mbarrier_arrive(q_bar + 2)  # STAGING_DONE
+        self.release(q_bar, STAGING_DONE, lane)
 
     @cute.jit
     def staging_tile(self, staging_storage, wg: cutlass.Constexpr[int], dtype: cutlass.Constexpr,
@@ -704,10 +705,11 @@ class MlaDecodeSeesaw(MlaDecode):
             barriers.sync(NAMED_HANDOFF_BASE + index, 256)
 
     @cute.jit
-    def release(self, empty, index: cutlass.Constexpr[int], lane):
-        """One arrive per warp on an empty barrier (2 * stage + half), after its WGMMAs finished."""
+    def release(self, bars, index: cutlass.Constexpr[int], lane):
+        """One arrive per warp (its lane 0) on barrier word `index` of `bars`: an empty barrier (2 * stage +
+        half) after the warp's WGMMAs finished, or Q_EMPTY / STAGING_DONE of mbar_q."""
         if lane == 0:
-            cute.arch.mbarrier_arrive(empty + index)
+            cute.arch.mbarrier_arrive(bars + index)
 
     def registers_as_pv_operand(self, rP, tiled_mma_pv_rs, tidx):
         """View the bf16/fp16 P fragment (m64n64 accumulator order) as the A operand of the
